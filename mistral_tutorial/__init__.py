@@ -1,0 +1,15 @@
+"""mistral_tutorial: Mistral 7B and Mixtral 8x7B from scratch, one module per idea, checked against transformers."""
+
+from . import presets
+from .attention import Attention, attention_weights, repeat_kv, sliding_window_mask, window_mask
+from .cache import KVCache
+from .config import ConfigError, ModelConfig
+from .embedding import RMSNorm, TokenEmbedding, rms_norm
+from .feedforward import FeedForward
+from .generation import generate, sample_next
+from .loading import CheckpointError
+from .model import Transformer, TransformerBlock
+from .rope import RotaryEmbedding, apply_rope, half_to_interleaved, interleaved_to_half, rotate_half
+from .tokenizer import MistralTokenizer
+
+__version__ = "0.1.0"

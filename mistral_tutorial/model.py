@@ -1,0 +1,159 @@
+"""The decoder: embedding -> L x (RMSNorm -> attention -> residual -> RMSNorm -> FFN or MoE -> residual) -> RMSNorm -> head.
+
+Parameter names follow the reference implementation (mistral-inference): `tok_embeddings`, `layers.N.attention.wq`,
+`layers.N.feed_forward.w1`, `norm`, `output`. loading.py maps transformers' names onto these.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .attention import Attention, sliding_window_mask
+from .cache import KVCache
+from .config import ModelConfig
+from .embedding import RMSNorm, TokenEmbedding
+from .feedforward import FeedForward
+from .rope import RotaryEmbedding
+
+
+class TransformerBlock(nn.Module):
+    """One pre-norm decoder layer: x + attn(norm(x)), then h + ffn(norm(h))."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.attention_norm = RMSNorm(config.dim, config.norm_eps)
+        self.attention = Attention(config.dim, config.n_heads, config.n_kv_heads, config.head_dim, layer_idx)
+        self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
+        if config.is_moe:
+            from .moe import MoeLayer
+
+            self.feed_forward: nn.Module = MoeLayer(config.dim, config.hidden_dim, config.n_experts,
+                                                    config.experts_per_token)
+        else:
+            self.feed_forward = FeedForward(config.dim, config.hidden_dim)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
+                cache: KVCache | None = None, is_causal: bool = False) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), cos, sin, mask, cache, is_causal)   # (B, T, dim)
+        return h + self.feed_forward(self.ffn_norm(h))                                     # (B, T, dim)
+
+
+class Transformer(nn.Module):
+    """Mistral 7B (sliding window, dense), Mixtral 8x7B (full attention, MoE) or Llama (no window) from a ModelConfig.
+
+    `model(tokens)`: (B, T) int64 -> logits (B, T, vocab), no cache, the sliding window applied.
+    `model(tokens, cache=cache)`: the same for the next chunk of a sequence held in a `KVCache` (see generation.py).
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        config.validate()
+        self.config = config
+        self.tok_embeddings = TokenEmbedding(config.vocab_size, config.dim)
+        self.layers = nn.ModuleList(TransformerBlock(config, i) for i in range(config.n_layers))
+        self.norm = RMSNorm(config.dim, config.norm_eps)
+        self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta)
+
+    # -----------------------------------------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self.tok_embeddings.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.tok_embeddings.weight.dtype
+
+    def num_parameters(self, active: bool = False) -> int:
+        """Parameter count (tied weights once). active=True counts only k of the E experts of each MoE layer."""
+        total = sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())
+        if active and self.config.is_moe:
+            c = self.config
+            expert_params = 3 * c.dim * c.hidden_dim
+            total -= c.n_layers * (c.n_experts - c.experts_per_token) * expert_params
+        return total
+
+    def new_cache(self, batch_size: int, max_len: int, pad: torch.Tensor | list[int] | None = None) -> KVCache:
+        """An empty KV cache for this model: W slots per layer with a window, else `max_len`."""
+        c = self.config
+        return KVCache(c.n_layers, batch_size, c.n_kv_heads, c.head_dim, c.sliding_window, max_len,
+                       dtype=self.dtype, device=self.device, pad=pad)
+
+    # -----------------------------------------------------------------------------------------------------------------
+    def forward(self, tokens: torch.Tensor, cache: KVCache | None = None, last_only: bool = False,
+                return_hidden_states: bool = False) -> Any:
+        """Logits (B, T, vocab) for tokens (B, T); (B, 1, vocab) when `last_only`.
+
+        With `return_hidden_states`, returns (logits, hidden) where hidden[0] is the embedding output and hidden[i] the
+        residual stream after layer i (before the final norm).
+        """
+        self._check_tokens(tokens, cache)
+        batch, seq_len = tokens.shape
+        x = self.tok_embeddings(tokens)                                                    # (B, T, dim)
+
+        is_causal = False
+        if cache is None:
+            positions = torch.arange(seq_len, device=tokens.device)[None]                  # (1, T)
+            window = self.config.sliding_window
+            if window is None or seq_len <= window:
+                mask, is_causal = None, True                                               # plain causal
+            else:
+                mask = sliding_window_mask(seq_len, window, device=tokens.device)          # (T, T)
+        else:
+            if cache.batch_size != batch:
+                raise ValueError(f"the cache was made for batch size {cache.batch_size}, tokens have {batch} rows")
+            positions = cache.positions(seq_len)                                           # (1 or B, T)
+            mask = cache.begin(seq_len)                                                    # (1|B, 1, T, Tk) or None
+        cos, sin = self.rotary(positions, dtype=x.dtype)                                   # (1|B, T, D)
+
+        hidden = [x] if return_hidden_states else None
+        for layer in self.layers:
+            x = layer(x, cos, sin, mask, cache, is_causal)
+            if hidden is not None:
+                hidden.append(x)
+        if cache is not None:
+            cache.commit()
+        if last_only:
+            x = x[:, -1:]
+        logits = self.output(self.norm(x))                                                 # (B, T, vocab)
+        return (logits, hidden) if return_hidden_states else logits
+
+    def _check_tokens(self, tokens: torch.Tensor, cache: KVCache | None) -> None:
+        if not isinstance(tokens, torch.Tensor):
+            raise TypeError(f"tokens must be a torch.Tensor of shape (B, T), got {type(tokens).__name__}")
+        if tokens.dim() != 2:
+            raise ValueError(f"tokens must have shape (batch, seq_len), got {tuple(tokens.shape)}; "
+                             f"for one sequence use tokens[None]")
+        if tokens.shape[1] == 0:
+            raise ValueError("the prompt is empty (seq_len = 0): give at least one token, e.g. the BOS token")
+        start = cache.time if cache is not None else 0
+        end = start + tokens.shape[1]
+        if self.config.sliding_window is None and end > self.config.max_position_embeddings:
+            raise ValueError(f"sequence of {end} tokens exceeds max_position_embeddings "
+                             f"({self.config.max_position_embeddings}) of a model without a sliding window")
+
+    # -----------------------------------------------------------------------------------------------------------------
+    @classmethod
+    def from_hf(cls, hf_model: nn.Module) -> Transformer:
+        """Build from a transformers Mistral/Mixtral/Llama *ForCausalLM instance, copying its weights."""
+        from .loading import from_hf
+
+        return from_hf(hf_model)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu",
+                        **overrides: Any) -> Transformer:
+        """Load a transformers checkpoint dir, a mistral reference folder or a .gguf file.
+
+        `overrides` change config fields (e.g. sliding_window=32) before the weights are loaded.
+        """
+        from .loading import load_pretrained
+
+        return load_pretrained(path, dtype=dtype, device=device, **overrides)

@@ -1,0 +1,103 @@
+"""Rotary position embedding (Su et al. 2021), in transformers' rotate-half layout, and the q/k weight permutation
+between the reference implementation's interleaved layout and transformers'.
+
+Each pair of dimensions (d, d + D/2) of a query or key at position m is rotated by the angle m * theta_d, with
+theta_d = base^(-2d/D). A rotation by m then by -n leaves q_m . k_n depending on m - n only.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def rope_frequencies(head_dim: int, theta: float = 10000.0, device: torch.device | str | None = None) -> torch.Tensor:
+    """theta_d = base^(-2d / D) for d = 0 .. D/2 - 1: (D/2,) fp32, computed exactly as transformers does."""
+    # RoFormer eq. (15): Theta = {theta_i = 10000^(-2(i-1)/d), i in [1, 2, ..., d/2]}
+    return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim))
+
+
+def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype = torch.float32
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of m * theta_d for positions (..., T) -> two (..., T, D) tensors (each half repeated twice)."""
+    angles = positions[..., None].float() * inv_freq.float()       # (..., T, D/2)
+    angles = torch.cat((angles, angles), dim=-1)                  # (..., T, D): rotate-half layout
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """(x1, x2) -> (-x2, x1) on the two halves of the last dimension: a 90° turn of every pair (d, d + D/2)."""
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate queries or keys x (B, heads, T, D) by the angles whose cos and sin are (B or 1, T, D).
+
+    RoFormer eq. (34) in rotate-half form: x' = x * cos(m theta) + rotate_half(x) * sin(m theta).
+    """
+    cos, sin = cos.unsqueeze(-3), sin.unsqueeze(-3)              # (B, 1, T, D): broadcast over heads
+    return x * cos + rotate_half(x) * sin
+
+
+class RotaryEmbedding(torch.nn.Module):
+    """Returns (cos, sin) for given positions; nothing learned.
+
+    theta_d is computed once on the CPU in fp32 (as transformers does) and kept in fp32 whatever the model's dtype:
+    it is a plain attribute, not a buffer, so `model.to(torch.bfloat16)` cannot round it.
+    """
+
+    def __init__(self, head_dim: int, theta: float = 10000.0) -> None:
+        super().__init__()
+        self.head_dim = head_dim
+        self.theta = theta
+        with torch.device("cpu"):
+            self.inv_freq = rope_frequencies(head_dim, theta, device="cpu")                 # (D/2,) fp32
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.inv_freq.device != positions.device:
+            self.inv_freq = self.inv_freq.to(positions.device)
+        return rope_cos_sin(positions, self.inv_freq, dtype)
+
+    def extra_repr(self) -> str:
+        return f"head_dim={self.head_dim}, theta={self.theta}"
+
+
+# -------------------------------------------------------------------------------------------------------------------
+# The two layouts of the q/k projection weights.
+#
+# The reference implementation (mistral-inference, Meta's llama) views each head's D outputs as D/2 complex numbers
+# (x0 + i x1, x2 + i x3, ...): pairs are *interleaved*. transformers pairs dimension d with d + D/2 (rotate-half).
+# The same model therefore stores wq/wk with their output rows in a different order. transformers' conversion script
+# permutes the rows: within each head, row 2j (real part of pair j) goes to j, row 2j+1 (imaginary part) to j + D/2.
+
+def interleaved_to_half(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Reference (interleaved) wq/wk -> transformers (rotate-half) layout. weight: (n_heads * D, dim)."""
+    out_features, in_features = weight.shape
+    head_dim = out_features // n_heads
+    if head_dim * n_heads != out_features or head_dim % 2:
+        raise ValueError(f"weight of shape {tuple(weight.shape)} does not split into {n_heads} heads of even size")
+    # (heads, D/2, 2, dim) -> (heads, 2, D/2, dim): real parts first, then imaginary parts
+    return weight.view(n_heads, head_dim // 2, 2, in_features).transpose(1, 2).reshape(out_features, in_features)
+
+
+def half_to_interleaved(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """transformers (rotate-half) wq/wk -> reference (interleaved) layout; the inverse of `interleaved_to_half`."""
+    out_features, in_features = weight.shape
+    head_dim = out_features // n_heads
+    if head_dim * n_heads != out_features or head_dim % 2:
+        raise ValueError(f"weight of shape {tuple(weight.shape)} does not split into {n_heads} heads of even size")
+    # (heads, 2, D/2, dim) -> (heads, D/2, 2, dim)
+    return weight.view(n_heads, 2, head_dim // 2, in_features).transpose(1, 2).reshape(out_features, in_features)
+
+
+def apply_rope_interleaved(x: torch.Tensor, positions: torch.Tensor, theta: float = 10000.0) -> torch.Tensor:
+    """The reference implementation's RoPE: pairs (2j, 2j+1) as complex numbers times e^{i m theta_j}.
+
+    x: (B, heads, T, D), positions: (T,). Used to show that the two layouts agree once the weights are permuted.
+    """
+    head_dim = x.shape[-1]
+    inv_freq = rope_frequencies(head_dim, theta, device=x.device)
+    angles = positions.float()[:, None] * inv_freq                  # (T, D/2)
+    rotation = torch.polar(torch.ones_like(angles), angles)          # (T, D/2) complex: e^{i m theta_j}
+    x_complex = torch.view_as_complex(x.float().reshape(*x.shape[:-1], head_dim // 2, 2))  # (B, heads, T, D/2)
+    return torch.view_as_real(x_complex * rotation).flatten(-2).to(x.dtype)

@@ -6,9 +6,11 @@ from .cache import KVCache
 from .config import ConfigError, ModelConfig
 from .embedding import RMSNorm, TokenEmbedding, rms_norm
 from .feedforward import FeedForward
+from .gating import NoisyTopKGate, load_balancing_loss
 from .generation import generate, sample_next
 from .loading import CheckpointError
 from .model import Transformer, TransformerBlock
+from .moe import MoeLayer, route, route_paper, upcycle
 from .rope import RotaryEmbedding, apply_rope, half_to_interleaved, interleaved_to_half, rotate_half
 from .tokenizer import MistralTokenizer
 

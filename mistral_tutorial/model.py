@@ -80,6 +80,18 @@ class Transformer(nn.Module):
             total -= c.n_layers * (c.n_experts - c.experts_per_token) * expert_params
         return total
 
+    def router_logits(self) -> list[torch.Tensor]:
+        """Per-layer router logits (N, E), N = B*T, of the last forward; MoE models only (see moe.py)."""
+        if not self.config.is_moe:
+            raise ValueError("router_logits() needs an MoE model (n_experts > 0)")
+        return [layer.feed_forward.last_router_logits for layer in self.layers]
+
+    def chosen_experts(self) -> list[torch.Tensor]:
+        """Per-layer chosen experts (N, k) of the last forward, best first; MoE models only."""
+        if not self.config.is_moe:
+            raise ValueError("chosen_experts() needs an MoE model (n_experts > 0)")
+        return [layer.feed_forward.last_experts for layer in self.layers]
+
     def new_cache(self, batch_size: int, max_len: int, pad: torch.Tensor | list[int] | None = None) -> KVCache:
         """An empty KV cache for this model: W slots per layer with a window, else `max_len`."""
         c = self.config

@@ -58,6 +58,7 @@ class KVCache:
                 raise ValueError(f"pad must have shape ({batch_size},), got {tuple(pad.shape)}")
             self.pad = pad if bool((pad > 0).any()) else None
         self.time = 0                       # tokens (padding included) seen so far: the next token's time index
+        self.causal = False                 # set by begin(): the chunk's mask is the plain causal one
         self.device = torch.device(device)
         self._plan: _ChunkPlan | None = None
 
@@ -78,8 +79,14 @@ class KVCache:
         return (times[None] - self.pad[:, None]).clamp(min=0)                               # (B, T)
 
     def begin(self, seq_len: int) -> torch.Tensor | None:
-        """Plan the next chunk of `seq_len` tokens; returns the boolean attention mask, (1 or B, 1, T, Tk) or None."""
+        """Plan the next chunk of `seq_len` tokens; returns the boolean attention mask, (1 or B, 1, T, Tk) or None.
+
+        After it, `self.causal` says whether the attention is exactly the plain causal mask over the chunk (the first
+        chunk, no padding, no window cut), so the model can use the faster is_causal attention instead of a mask.
+        """
         t0, size = self.time, self.size
+        self.causal = (t0 == 0 and self.pad is None and seq_len > 1
+                       and (self.window is None or seq_len <= self.window) and seq_len <= size)
         if (self.window is None or size < self.window) and t0 + seq_len > size:
             raise CacheFullError(f"the cache was allocated for {size} positions (max_len) and cannot roll over "
                                  f"without a window of that size: {t0} + {seq_len} new tokens do not fit. "

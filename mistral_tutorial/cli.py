@@ -1,9 +1,23 @@
-"""The `mistral-tutorial` command: fetch, info, generate, route."""
+"""The `mistral-tutorial` command: fetch the default model, describe a model, generate text (optionally against
+transformers), colour text by expert.
+
+    mistral-tutorial fetch
+    mistral-tutorial info mistral-7b-v0.1 --length 32768
+    mistral-tutorial generate "What is a sliding window?" --max-new-tokens 64 --compare-hf
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
 
 
 def _fetch(args: argparse.Namespace) -> int:
@@ -13,18 +27,232 @@ def _fetch(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+def _resolve_model_path(model: str | None) -> Path:
+    from .assets import require_default_model
+
+    if model is None:
+        return require_default_model()
+    path = Path(model).expanduser()
+    if not path.exists():
+        raise SystemExit(f"error: --model {model}: no such file or directory (a transformers dir, a reference folder "
+                         f"with params.json, or a .gguf file)")
+    return path
+
+
+class _Tokenizer:
+    """Text <-> ids for whichever checkpoint was loaded, with a chat template where the model has one."""
+
+    def __init__(self, path: Path) -> None:
+        self.hf = None
+        self.mistral = None
+        if path.suffix == ".gguf":
+            import transformers
+
+            self.hf = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        elif (path / "params.json").is_file():
+            from .tokenizer import MistralTokenizer
+
+            local = path / "tokenizer.model"
+            self.mistral = MistralTokenizer(local if local.is_file() else None)
+        else:
+            import transformers
+
+            self.hf = transformers.AutoTokenizer.from_pretrained(str(path))
+
+    def encode_prompt(self, prompt: str, chat: bool) -> list[int]:
+        if self.hf is not None:
+            if chat and self.hf.chat_template:
+                ids = self.hf.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                                  tokenize=True)
+                ids = ids["input_ids"] if not isinstance(ids, list) else ids
+                return list(ids)
+            return self.hf.encode(prompt)
+        assert self.mistral is not None
+        # Mistral-7B-Instruct v0.1 format: <s>[INST] prompt [/INST]
+        return self.mistral.encode(f"[INST] {prompt} [/INST]" if chat else prompt, bos=True)
+
+    def decode(self, ids: list[int]) -> str:
+        if self.hf is not None:
+            return self.hf.decode(ids, skip_special_tokens=True)
+        assert self.mistral is not None
+        return self.mistral.decode(ids)
+
+    @property
+    def stop_ids(self) -> list[int]:
+        if self.hf is not None:
+            eos = self.hf.eos_token_id
+            return [eos] if isinstance(eos, int) else list(eos or [])
+        assert self.mistral is not None
+        return [self.mistral.eos_id]
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from .generation import generate
+    from .loading import load_pretrained, to_hf
+
+    if args.prompt.strip() == "":
+        raise SystemExit("error: the prompt is empty")
+    dtype = DTYPES[args.dtype]
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda asked for, but torch sees no CUDA device; use --device cpu")
+    path = _resolve_model_path(args.model)
+    overrides: dict[str, Any] = {}
+    if args.sliding_window is not None:
+        overrides["sliding_window"] = args.sliding_window if args.sliding_window > 0 else None
+    t0 = time.perf_counter()
+    model = load_pretrained(path, dtype=dtype, device=args.device, **overrides)
+    tokenizer = _Tokenizer(path)
+    print(f"loaded {path.name} ({model.num_parameters() / 1e6:.0f} M parameters, {args.dtype}, {args.device}, "
+          f"window={model.config.sliding_window}) in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+
+    prompt_ids = tokenizer.encode_prompt(args.prompt, chat=not args.no_chat)
+    prompt = torch.tensor([prompt_ids], device=args.device)
+    stops = [] if args.ignore_eos else tokenizer.stop_ids
+    generated: list[int] = []
+    shown = ""
+
+    def stream(token: torch.Tensor) -> None:
+        nonlocal shown
+        generated.append(int(token[0]))
+        text = tokenizer.decode(generated)
+        if not text.endswith("\ufffd"):              # wait for the rest of a multi-byte character
+            print(text[len(shown):], end="", flush=True)
+            shown = text
+
+    start = time.perf_counter()
+    ours = generate(model, prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                    top_p=args.top_p, top_k=args.top_k, seed=args.seed, stop_tokens=stops, on_token=stream)
+    ours_s = time.perf_counter() - start
+    print(flush=True)
+    ours_ids = ours[0].tolist()
+    print(f"[ours] {len(ours_ids)} tokens in {ours_s:.2f} s = {len(ours_ids) / ours_s:.1f} tokens/s", file=sys.stderr)
+
+    if args.compare_hf:
+        hf_model = to_hf(model, "llama" if model.config.sliding_window is None and not model.config.is_moe else None)
+        kwargs: dict[str, Any] = dict(max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0)
+        if args.temperature > 0:
+            kwargs.update(temperature=args.temperature, top_p=args.top_p or 1.0, top_k=args.top_k or 0)
+            torch.manual_seed(args.seed or 0)
+        kwargs["eos_token_id"] = stops or None
+        with torch.inference_mode():
+            start = time.perf_counter()
+            theirs = hf_model.generate(prompt, attention_mask=torch.ones_like(prompt), pad_token_id=0, **kwargs)
+            hf_s = time.perf_counter() - start
+        theirs_ids = theirs[0, prompt.shape[1]:].tolist()
+        agree = ours_ids == theirs_ids
+        first = next((i for i, (a, b) in enumerate(zip(ours_ids, theirs_ids)) if a != b), None)
+        print(f"[transformers] {len(theirs_ids)} tokens in {hf_s:.2f} s = {len(theirs_ids) / hf_s:.1f} tokens/s",
+              file=sys.stderr)
+        verdict = "identical" if agree else f"DIFFER (first difference at new token {first})"
+        if args.temperature > 0:
+            verdict += " (sampling: different random streams, agreement not expected)"
+        print(f"[compare] tokens {verdict}; speed ours / transformers = {hf_s / ours_s:.2f}x", file=sys.stderr)
+        return 0 if agree or args.temperature > 0 else 1
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+def _info(args: argparse.Namespace) -> int:
+    from .config import ModelConfig
+    from .model import Transformer
+    from .presets import PRESETS
+
+    name = args.model
+    if name is None or name in PRESETS:
+        config = PRESETS[name or "mistral-7b-v0.1"]()
+        title = name or "mistral-7b-v0.1"
+    else:
+        import json
+
+        path = _resolve_model_path(name)
+        if path.suffix == ".gguf":
+            from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+            config = ModelConfig.from_hf({**load_gguf_checkpoint(str(path))["config"]})
+        elif (path / "params.json").is_file():
+            config = ModelConfig.from_params(path / "params.json")
+        elif (path / "config.json").is_file():
+            config = ModelConfig.from_hf(json.loads((path / "config.json").read_text()))
+        else:
+            raise SystemExit(f"error: {path}: not a preset ({', '.join(PRESETS)}), .gguf, reference or "
+                             f"transformers folder")
+        title = str(path)
+    with torch.device("meta"):
+        model = Transformer(config)
+    bytes_per = torch.finfo(DTYPES[args.dtype]).bits // 8
+    total, active = model.num_parameters(), model.num_parameters(active=True)
+    slots = min(args.length, config.sliding_window) if config.sliding_window else args.length
+    kv_bytes = 2 * config.n_layers * config.n_kv_heads * config.head_dim * slots * bytes_per
+    print(f"{title}")
+    for key, value in config.to_dict().items():
+        print(f"  {key:24s} {value}")
+    print(f"  {'parameters (total)':24s} {total:,} ({total / 1e9:.2f} B)")
+    print(f"  {'parameters (active)':24s} {active:,} ({active / 1e9:.2f} B per token)")
+    print(f"  {'weights in ' + args.dtype:24s} {total * bytes_per / 2**30:.2f} GiB")
+    print(f"  {'KV cache':24s} {kv_bytes / 2**30:.3f} GiB for {args.length:,} tokens ({args.dtype}, {slots:,} slots"
+          f"{' = the window' if config.sliding_window and args.length > config.sliding_window else ''})")
+    return 0
+
+
+def _route(args: argparse.Namespace) -> int:
+    from .routing import route_command
+
+    return route_command(args)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mistral-tutorial", description=__doc__)
+    parser = argparse.ArgumentParser(prog="mistral-tutorial",
+                                     description="Mistral / Mixtral from scratch: fetch, info, generate, route.")
     sub = parser.add_subparsers(dest="command", required=True)
+
     fetch = sub.add_parser("fetch", help="download the default model (SmolLM2-135M-Instruct GGUF) into the cache")
     fetch.add_argument("--force", action="store_true", help="download again even if present")
     fetch.set_defaults(func=_fetch)
+
+    info = sub.add_parser("info", help="config, parameter counts and KV-cache memory of a model or preset")
+    info.add_argument("model", nargs="?", help="a preset (mistral-7b-v0.1, mixtral-8x7b-v0.1) or a model path")
+    info.add_argument("--length", type=int, default=32768, help="tokens for the KV-cache estimate (default 32768)")
+    info.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
+    info.set_defaults(func=_info)
+
+    gen = sub.add_parser("generate", help="generate text (greedy by default), streamed")
+    gen.add_argument("prompt")
+    gen.add_argument("--model", help="transformers dir, reference folder or .gguf (default: the fetched SmolLM2)")
+    gen.add_argument("--max-new-tokens", type=int, default=128)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    gen.add_argument("--top-p", type=float, default=None)
+    gen.add_argument("--top-k", type=int, default=None)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--sliding-window", type=int, default=None, help="override the window (0 = full attention)")
+    gen.add_argument("--device", default="cpu")
+    gen.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    gen.add_argument("--no-chat", action="store_true", help="feed the prompt raw, without the chat template")
+    gen.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-sequence token")
+    gen.add_argument("--compare-hf", action="store_true",
+                     help="also run transformers on the same weights; print whether tokens agree and both speeds")
+    gen.set_defaults(func=_generate)
+
+    route = sub.add_parser("route", help="draw text coloured by first-choice expert (Mixtral Fig 8)")
+    route.add_argument("text")
+    route.add_argument("--out", required=True, help="PNG file to write")
+    route.add_argument("--model", help="an MoE checkpoint (default: the tiny Mixtral trained by scripts/)")
+    route.add_argument("--layer", type=int, default=None, help="layer to colour by (default: the middle one)")
+    route.set_defaults(func=_route)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except FileNotFoundError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except (ValueError, RuntimeError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

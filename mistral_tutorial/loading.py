@@ -245,3 +245,42 @@ def _load_gguf(path: Path, dtype: torch.dtype, device: str | torch.device, **ove
     model = _empty_model(config, dtype, device)
     load_state_dict_strict(model, hf_to_ours(hf_model.state_dict(), config), f"GGUF file {path}")
     return model.eval()
+
+
+def to_hf(model: Transformer, model_type: str | None = None) -> Any:
+    """A transformers *ForCausalLM holding this model's weights (fused Mixtral experts, as transformers 5.x keeps them).
+
+    model_type: 'mistral' (default for dense models, window or not), 'llama' (no window) or 'mixtral' (MoE).
+    """
+    import transformers
+
+    config = model.config
+    hf_config = config.to_hf(model_type)
+    hf_config._attn_implementation = "sdpa"
+    classes = {"mistral": transformers.MistralForCausalLM, "mixtral": transformers.MixtralForCausalLM,
+               "llama": transformers.LlamaForCausalLM}
+    with torch.device("meta"):
+        hf_model = classes[hf_config.model_type](hf_config)
+    hf_model = hf_model.to_empty(device=model.device).to(model.dtype)
+    ours = model.state_dict()
+    state: dict[str, torch.Tensor] = {}
+    for key, tensor in ours_to_hf_disk({k: v for k, v in ours.items() if not re.match(
+            r"^layers\.\d+\.feed_forward\.w[123]$", k) or not config.is_moe}, config).items():
+        state[key.replace("block_sparse_moe.gate", "mlp.gate")] = tensor
+    if config.is_moe:
+        for i in range(config.n_layers):
+            w1, w2, w3 = (ours[f"layers.{i}.feed_forward.{n}"] for n in ("w1", "w2", "w3"))
+            state[f"model.layers.{i}.mlp.experts.gate_up_proj"] = torch.cat([w1, w3], dim=1)   # (E, 2I, H)
+            state[f"model.layers.{i}.mlp.experts.down_proj"] = w2                              # (E, H, I)
+    if config.tie_embeddings:
+        state.pop("lm_head.weight", None)
+    missing, unexpected = hf_model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not (config.tie_embeddings and k == "lm_head.weight")]
+    if missing or unexpected:
+        raise CheckpointError(f"to_hf: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    if config.tie_embeddings:
+        hf_model.tie_weights()
+    # non-persistent buffers (the rotary inv_freq) were left uninitialised by to_empty: build the module again
+    rotary = hf_model.model.rotary_emb
+    hf_model.model.rotary_emb = type(rotary)(config=hf_config).to(model.device)
+    return hf_model.eval()

@@ -80,6 +80,25 @@ class Transformer(nn.Module):
             total -= c.n_layers * (c.n_experts - c.experts_per_token) * expert_params
         return total
 
+    def optimize_for_decode(self) -> Transformer:
+        """Store every projection matrix column-major, in place; returns self.
+
+        Each weight W (out, in) becomes the transposed view of a contiguous (in, out) tensor: values, shapes and
+        state-dict keys stay the same, but a CPU matrix-vector product x W^T then streams W in the order MKL reads
+        fastest (about 1.4x on this project's 2-core machines; see benchmarks/). Decoding one token at a time is bound
+        by reading the weights, so generation speeds up by about as much. Not needed on a GPU. Tensors saved with
+        safetensors must be contiguous: call `.contiguous()` on state-dict entries before saving.
+        """
+        with torch.no_grad():
+            for module in self.modules():
+                if isinstance(module, nn.Linear) and module.weight.is_contiguous():
+                    module.weight.data = module.weight.data.t().contiguous().t()
+                elif hasattr(module, "w1") and isinstance(getattr(module, "w1"), nn.Parameter):   # stacked experts
+                    for name in ("w1", "w2", "w3"):
+                        weight = getattr(module, name)
+                        weight.data = weight.data.transpose(1, 2).contiguous().transpose(1, 2)
+        return self
+
     def router_logits(self) -> list[torch.Tensor]:
         """Per-layer router logits (N, E), N = B*T, of the last forward; MoE models only (see moe.py)."""
         if not self.config.is_moe:
@@ -123,6 +142,8 @@ class Transformer(nn.Module):
                 raise ValueError(f"the cache was made for batch size {cache.batch_size}, tokens have {batch} rows")
             positions = cache.positions(seq_len)                                           # (1 or B, T)
             mask = cache.begin(seq_len)                                                    # (1|B, 1, T, Tk) or None
+            if cache.causal:                                                               # first chunk: plain causal
+                mask, is_causal = None, True
         cos, sin = self.rotary(positions, dtype=x.dtype)                                   # (1|B, T, D)
 
         hidden = [x] if return_hidden_states else None

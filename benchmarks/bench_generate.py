@@ -1,0 +1,122 @@
+"""Decode and prefill speed, ours against transformers' `generate`, on the same SmolLM2-135M weights, in one run.
+
+    python benchmarks/bench_generate.py                 # 128 new tokens, 512-token prefill, 3 repeats
+    python benchmarks/bench_generate.py --update-readme # also rewrite the table in README.md
+
+decode tokens/s = (N - 1) / (time(generate N) - time(generate 1)) on a short chat prompt: the first new token costs a
+prefill, the rest are pure decode steps. prefill tokens/s = 512 / time(generate 1) on a 512-token prompt. Both systems
+run greedily, fp32, on the same weights (transformers loads the GGUF, ours copies its weights); runs alternate, and
+the median of the repeats is reported. The tokens of both are compared too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+PROMPT = "Explain, step by step, how a sliding-window attention cache works in a language model."
+
+
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--prefill-tokens", type=int, default=512)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--update-readme", action="store_true", help="rewrite the table between the README markers")
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    import transformers
+
+    import mistral_tutorial as mt
+    from mistral_tutorial.assets import require_default_model
+
+    transformers.logging.set_verbosity_error()
+    path = require_default_model()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                           dtype=torch.float32).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    ours = mt.Transformer.from_hf(hf)
+    chat = tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True,
+                                         return_tensors="pt")["input_ids"]                # (1, T)
+    generator = torch.Generator().manual_seed(0)
+    long_prompt = torch.randint(100, ours.config.vocab_size, (1, args.prefill_tokens), generator=generator)
+
+    def run_hf(ids: torch.Tensor, n: int) -> torch.Tensor:
+        with torch.inference_mode():
+            out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                              do_sample=False, pad_token_id=tokenizer.eos_token_id)
+        return out[:, ids.shape[1]:]
+
+    def run_ours(ids: torch.Tensor, n: int) -> torch.Tensor:
+        return mt.generate(ours, ids, max_new_tokens=n)
+
+    runners = {"ours": run_ours, "transformers": run_hf}
+    same = torch.equal(run_ours(chat, args.new_tokens), run_hf(chat, args.new_tokens))   # also warms both up
+    times: dict[str, dict[str, list[float]]] = {name: {"n": [], "one": [], "prefill": []} for name in runners}
+    for _ in range(args.repeats):
+        for name, run in runners.items():
+            times[name]["one"].append(timed(lambda run=run: run(chat, 1)))
+            times[name]["n"].append(timed(lambda run=run: run(chat, args.new_tokens)))
+            times[name]["prefill"].append(timed(lambda run=run: run(long_prompt, 1)))
+
+    result: dict = {"model": path.name, "dtype": "float32", "device": "cpu", "threads": torch.get_num_threads(),
+                    "torch": torch.__version__, "transformers": transformers.__version__,
+                    "machine": platform.machine(), "prompt_tokens": chat.shape[1], "new_tokens": args.new_tokens,
+                    "prefill_tokens": args.prefill_tokens, "repeats": args.repeats, "tokens_identical": same}
+    for name in runners:
+        t_n, t_one = statistics.median(times[name]["n"]), statistics.median(times[name]["one"])
+        result[name] = {"decode_tokens_per_s": (args.new_tokens - 1) / (t_n - t_one),
+                        "prefill_tokens_per_s": args.prefill_tokens / statistics.median(times[name]["prefill"]),
+                        "raw_seconds": times[name]}
+    for kind in ("decode", "prefill"):
+        key = f"{kind}_tokens_per_s"
+        result[f"{kind}_ratio"] = result["ours"][key] / result["transformers"][key]
+
+    table = "\n".join([
+        f"| SmolLM2-135M fp32, CPU ({result['threads']} threads) | ours | transformers `generate` | ours / transformers |",
+        "|---|---:|---:|---:|",
+        f"| decode, tokens/s ({args.new_tokens} new tokens) | {result['ours']['decode_tokens_per_s']:.1f} | "
+        f"{result['transformers']['decode_tokens_per_s']:.1f} | **{result['decode_ratio']:.2f}×** |",
+        f"| prefill, tokens/s ({args.prefill_tokens}-token prompt) | {result['ours']['prefill_tokens_per_s']:.0f} | "
+        f"{result['transformers']['prefill_tokens_per_s']:.0f} | **{result['prefill_ratio']:.2f}×** |",
+        "",
+        f"Greedy tokens identical: {'yes' if same else 'NO'}. torch {torch.__version__}, transformers "
+        f"{transformers.__version__}, median of {args.repeats} alternating runs "
+        f"(`python benchmarks/bench_generate.py`).",
+    ])
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "generate.json").write_text(json.dumps(result, indent=2) + "\n")
+    (RESULTS / "generate.md").write_text(table + "\n")
+    print(table)
+    if args.update_readme:
+        readme = ROOT / "README.md"
+        text = readme.read_text()
+        start, end = "<!-- bench:generate -->", "<!-- /bench:generate -->"
+        if start in text and end in text:
+            head, rest = text.split(start, 1)
+            _, tail = rest.split(end, 1)
+            readme.write_text(f"{head}{start}\n{table}\n{end}{tail}")
+            print("README.md updated")
+
+
+if __name__ == "__main__":
+    main()

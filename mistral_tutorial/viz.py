@@ -1,0 +1,159 @@
+"""Small matplotlib helpers the notebooks share: masks, attention heatmaps, bar charts, and saving to `figures/`.
+
+Every function takes torch tensors or numpy arrays, draws on a given `ax` (or a new figure when `ax` is None) and returns
+the Axes, so panels can be combined with `subplot_grid`. Nothing here computes model quantities: the notebooks do.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.axes import Axes
+from matplotlib.colors import ListedColormap
+from matplotlib.figure import Figure
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+FIGURES_DIR = REPO_ROOT / "figures"
+
+MASK_COLORS = ListedColormap(["#f2f2f2", "#3b6fb6"])     # False (blocked) light grey, True (allowed) blue
+
+
+def to_numpy(x: Any) -> np.ndarray:
+    """A torch tensor (any device, any dtype, with grad or not) or array-like -> a numpy array (bool kept, else float)."""
+    if hasattr(x, "detach"):
+        x = x.detach().cpu()
+        x = x.float().numpy() if x.dtype.is_floating_point else x.numpy()   # bf16 has no numpy dtype
+    return np.asarray(x)
+
+
+def _axes(ax: Axes | None, figsize: tuple[float, float]) -> Axes:
+    if ax is None:
+        _, ax = plt.subplots(figsize=figsize, constrained_layout=True)
+    return ax
+
+
+def _tick_labels(ax: Axes, n_rows: int, n_cols: int, row_labels: Sequence[str] | None,
+                 col_labels: Sequence[str] | None) -> None:
+    """Label every row/column with its name, or with indices thinned to a round step that fits the panel's size."""
+    width, height = ax.get_position().width * ax.figure.get_figwidth(), ax.get_position().height * ax.figure.get_figheight()
+    for axis, n, labels, inches in ((ax.yaxis, n_rows, row_labels, height), (ax.xaxis, n_cols, col_labels, width)):
+        max_ticks = max(4, int(inches * 4))                       # about 4 two-digit labels per inch
+        step = 1 if labels is not None else next(s for s in (1, 2, 4, 5, 10, 20, 25, 50, 100, 200, 250, 500, 1000, n)
+                                                 if n <= s * max_ticks)
+        ticks = np.arange(0, n, step)
+        axis.set_ticks(ticks)
+        if labels is not None:
+            axis.set_ticklabels([str(labels[i]) for i in ticks], fontsize=8)
+    if col_labels is not None:
+        plt.setp(ax.get_xticklabels(), rotation=90)
+
+
+def plot_mask(mask: Any, ax: Axes | None = None, title: str | None = None, tokens: Sequence[str] | None = None,
+              grid: bool = True) -> Axes:
+    """Draw a boolean query x key mask (Tq, Tk): blue where query i may attend key j, grey where it may not.
+
+    Rows are queries ("query i"), columns keys ("key j"), both starting at 0 in the top-left corner, as in the Mistral
+    7B paper's Fig. 1. `tokens` (length T) labels both axes with token pieces. A (1, 1, Tq, Tk) mask is squeezed.
+    """
+    m = to_numpy(mask).astype(bool)
+    m = m.reshape(m.shape[-2], m.shape[-1])                        # (Tq, Tk)
+    n_queries, n_keys = m.shape
+    side = min(6.0, 1.0 + 0.25 * max(n_queries, n_keys))
+    ax = _axes(ax, (side, side))
+    ax.imshow(m, cmap=MASK_COLORS, vmin=0, vmax=1, interpolation="nearest")
+    if grid and max(n_queries, n_keys) <= 64:
+        ax.set_xticks(np.arange(-0.5, n_keys, 1), minor=True)
+        ax.set_yticks(np.arange(-0.5, n_queries, 1), minor=True)
+        ax.grid(which="minor", color="white", linewidth=0.8)
+        ax.tick_params(which="minor", length=0)
+    _tick_labels(ax, n_queries, n_keys, tokens, tokens)
+    ax.set_xlabel("key j")
+    ax.set_ylabel("query i")
+    if title:
+        ax.set_title(title)
+    return ax
+
+
+def plot_attention(weights: Any, tokens: Sequence[str] | None = None, ax: Axes | None = None, title: str | None = None,
+                   key_tokens: Sequence[str] | None = None, cmap: str = "viridis", colorbar: bool = True,
+                   vmax: float | None = None) -> Axes:
+    """Heatmap of attention weights (Tq, Tk): row i is the distribution query i puts over the keys (sums to 1).
+
+    `tokens` labels the queries, and the keys too unless `key_tokens` is given (keys from a cache differ from the
+    queries). Leading singleton dimensions, e.g. (1, 1, Tq, Tk), are squeezed; pick a head before calling otherwise.
+    """
+    w = to_numpy(weights).astype(float)
+    while w.ndim > 2 and w.shape[0] == 1:
+        w = w[0]
+    if w.ndim != 2:
+        raise ValueError(f"plot_attention expects (Tq, Tk) weights, got shape {w.shape}; select batch and head first")
+    n_queries, n_keys = w.shape
+    side = min(7.0, 1.5 + 0.25 * max(n_queries, n_keys))
+    ax = _axes(ax, (side + 1.0, side))
+    image = ax.imshow(w, cmap=cmap, vmin=0.0, vmax=vmax, interpolation="nearest")
+    _tick_labels(ax, n_queries, n_keys, tokens, key_tokens if key_tokens is not None else tokens)
+    ax.set_xlabel("key j")
+    ax.set_ylabel("query i")
+    if colorbar:
+        ax.figure.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="attention weight")
+    if title:
+        ax.set_title(title)
+    return ax
+
+
+def plot_bars(values: Any, labels: Sequence[str] | None = None, ax: Axes | None = None, title: str | None = None,
+              ylabel: str | None = None, horizontal: bool = False, annotate: bool = False, fmt: str = "{:.3g}",
+              color: str = "#3b6fb6") -> Axes:
+    """Bar chart of values (N,), e.g. tokens routed to each expert or parameters per component.
+
+    `annotate` writes each value (formatted with `fmt`) at the end of its bar.
+    """
+    v = to_numpy(values).astype(float).reshape(-1)                 # (N,)
+    names = list(labels) if labels is not None else [str(i) for i in range(len(v))]
+    ax = _axes(ax, (6.0, 0.4 * len(v) + 1.5) if horizontal else (max(4.0, 0.5 * len(v) + 2.0), 3.5))
+    positions = np.arange(len(v))
+    bars = ax.barh(positions, v, color=color) if horizontal else ax.bar(positions, v, color=color)
+    (ax.set_yticks if horizontal else ax.set_xticks)(positions, names)
+    if horizontal:
+        ax.invert_yaxis()                                          # first value on top
+    if annotate:
+        ax.bar_label(bars, labels=[fmt.format(x) for x in v], padding=2, fontsize=8)
+    if ylabel:
+        (ax.set_xlabel if horizontal else ax.set_ylabel)(ylabel)
+    if title:
+        ax.set_title(title)
+    return ax
+
+
+def subplot_grid(n_rows: int, n_cols: int, panel_size: float = 2.6, title: str | None = None,
+                 **kwargs: Any) -> tuple[Figure, np.ndarray]:
+    """A figure of n_rows x n_cols panels; the axes come back as a 2-D array (n_rows, n_cols) whatever the counts."""
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(panel_size * n_cols, panel_size * n_rows), squeeze=False,
+                             constrained_layout=True, **kwargs)
+    if title:
+        fig.suptitle(title)
+    return fig, axes
+
+
+def figure_path(name: str) -> Path:
+    """`<repo>/figures/<name>.png` (a trailing .png in `name` is kept once)."""
+    stem = name[:-4] if name.endswith(".png") else name
+    return FIGURES_DIR / f"{stem}.png"
+
+
+def save_figure(fig: Figure | Axes, name: str, dpi: int = 110) -> Path:
+    """Save a figure (or the figure of an Axes) to `<repo>/figures/<name>.png`, creating figures/ if missing.
+
+    Returns the path, so a notebook can print where the picture went. Metadata is stripped so that re-running a
+    notebook leaves an unchanged PNG unchanged in git.
+    """
+    if isinstance(fig, Axes):
+        fig = fig.figure
+    path = figure_path(name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi, bbox_inches="tight", metadata={"Software": None})
+    return path

@@ -54,7 +54,10 @@ def main() -> None:
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
                                                            dtype=torch.float32).eval()
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    ours = mt.Transformer.from_hf(hf)
+    # both generate exactly N tokens: transformers neither stops at <|im_end|> nor suppresses it (as min_new_tokens does)
+    hf.generation_config.eos_token_id = None
+    hf.config.eos_token_id = None
+    ours = mt.Transformer.from_hf(hf).optimize_for_decode()
     chat = tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True,
                                          return_tensors="pt")["input_ids"]                # (1, T)
     generator = torch.Generator().manual_seed(0)
@@ -62,8 +65,8 @@ def main() -> None:
 
     def run_hf(ids: torch.Tensor, n: int) -> torch.Tensor:
         with torch.inference_mode():
-            out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-                              do_sample=False, pad_token_id=tokenizer.eos_token_id)
+            out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
+                              pad_token_id=0)
         return out[:, ids.shape[1]:]
 
     def run_ours(ids: torch.Tensor, n: int) -> torch.Tensor:

@@ -62,7 +62,8 @@ class ModelConfig:
         if self.head_dim % 2 != 0:
             raise ConfigError(f"ModelConfig.head_dim must be even for RoPE (pairs of dimensions rotate), "
                               f"got {self.head_dim}")
-        if self.sliding_window is not None and (not isinstance(self.sliding_window, int) or self.sliding_window < 1):
+        if self.sliding_window is not None and (not isinstance(self.sliding_window, int)
+                                                or isinstance(self.sliding_window, bool) or self.sliding_window < 1):
             raise ConfigError(f"ModelConfig.sliding_window must be None (full attention) or an int >= 1, "
                               f"got {self.sliding_window!r}")
         if not (self.norm_eps > 0):

@@ -93,9 +93,9 @@ def generate(
                          f"max_position_embeddings ({config.max_position_embeddings}) of a model without a window")
     if max_new_tokens == 0:
         return tokens.new_empty((batch, 0))
+    if prefill_chunk_size is not None and prefill_chunk_size < 1:
+        raise ValueError(f"prefill_chunk_size must be >= 1 (or None for the default), got {prefill_chunk_size}")
     chunk = prefill_chunk_size or config.sliding_window or prompt_len
-    if chunk < 1:
-        raise ValueError(f"prefill_chunk_size must be >= 1, got {chunk}")
 
     generator = None
     if seed is not None:
@@ -107,7 +107,7 @@ def generate(
     for start in range(0, prompt_len, chunk):
         logits = model(tokens[:, start:start + chunk], cache=cache, last_only=True)         # (B, 1, vocab)
 
-    stops = torch.tensor(list(stop_tokens or []), dtype=torch.long, device=model.device)
+    stops = torch.as_tensor([] if stop_tokens is None else stop_tokens, dtype=torch.long, device=model.device).flatten()
     finished = torch.zeros(batch, dtype=torch.bool, device=model.device)
     out = torch.empty((batch, max_new_tokens), dtype=torch.long, device=model.device)
     for step in range(max_new_tokens):

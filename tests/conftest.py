@@ -1,0 +1,137 @@
+"""Shared helpers: tiny configs, a random transformers model with our copy of it, and transformers' greedy reference.
+
+Every test compares the library with transformers 5.x (or a plain re-derivation) on tiny fp32 models, so the whole
+suite runs on two CPU cores in a few minutes. Imported by the test modules as `from conftest import ...`.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import transformers  # noqa: E402
+
+import mistral_tutorial as mt  # noqa: E402
+
+# A top-2 logit gap under this is a genuine tie: fp32 round-off may pick either token.
+TIE_TOLERANCE = 1e-4
+
+# Tiny models gain nothing from threads, and on a busy 2-core machine OpenMP threads spin-wait against each other
+# (a 2-layer forward went from 1 ms to 0.4 s): one thread keeps the suite fast and steady.
+torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def tiny_config(**overrides) -> mt.ModelConfig:
+    """A Mistral-shaped config small enough for CPU tests: 2 layers, dim 64, GQA 4:2, window 4."""
+    fields = dict(vocab_size=128, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=None, hidden_dim=96,
+                  norm_eps=1e-5, rope_theta=10000.0, sliding_window=4, max_position_embeddings=512)
+    fields.update(overrides)
+    return mt.ModelConfig(**fields)
+
+
+def randomize_(module: torch.nn.Module, std: float = 0.08) -> torch.nn.Module:
+    """Random weights everywhere: N(0, std) for matrices, N(1, 0.1) for RMSNorm gains (so a wrong norm shows)."""
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if p.dim() == 1 and "norm" in name:
+                torch.nn.init.normal_(p, 1.0, 0.1)
+            else:
+                torch.nn.init.normal_(p, 0.0, std)
+    return module
+
+
+def hf_model(cfg: mt.ModelConfig, model_type: str | None = None, attn_implementation: str = "eager",
+             std: float = 0.08) -> transformers.PreTrainedModel:
+    """A random transformers *ForCausalLM (Mistral, Llama or Mixtral) built from `cfg.to_hf(model_type)`, fp32, eval."""
+    hf_config = cfg.to_hf(model_type)
+    hf_config._attn_implementation = attn_implementation
+    cls = {"mistral": transformers.MistralForCausalLM, "llama": transformers.LlamaForCausalLM,
+           "mixtral": transformers.MixtralForCausalLM}[hf_config.model_type]
+    model = cls(hf_config).float().eval()
+    randomize_(model, std)
+    if cfg.tie_embeddings:
+        assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    return model
+
+
+def build_pair(cfg: mt.ModelConfig, model_type: str | None = None, attn_implementation: str = "eager",
+               std: float = 0.08) -> tuple[transformers.PreTrainedModel, mt.Transformer]:
+    """(transformers model with random weights, our Transformer holding the same weights via `from_hf`)."""
+    hf = hf_model(cfg, model_type, attn_implementation, std)
+    ours = mt.Transformer.from_hf(hf).eval()
+    return hf, ours
+
+
+@torch.no_grad()
+def hf_logits(hf: transformers.PreTrainedModel, ids: torch.Tensor) -> torch.Tensor:
+    """transformers' no-cache forward: logits (B, T, vocab)."""
+    return hf(input_ids=ids, use_cache=False).logits
+
+
+@torch.no_grad()
+def hf_greedy_no_cache(hf: transformers.PreTrainedModel, ids: torch.Tensor | list[int], n: int
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy decoding with transformers' full no-cache forward at every step.
+
+    ids: (B, T) or a list of ints (one prompt). Returns (tokens (B, n), gaps (B, n)) where gaps[b, s] is the difference
+    between the two largest logits at step s: under TIE_TOLERANCE, the choice of step s is a genuine tie.
+    """
+    if not isinstance(ids, torch.Tensor):
+        ids = torch.tensor([list(ids)])
+    seq = ids.clone()
+    tokens, gaps = [], []
+    for _ in range(n):
+        last = hf(input_ids=seq, use_cache=False).logits[:, -1].float()        # (B, vocab)
+        top2 = last.topk(2, dim=-1).values                                     # (B, 2)
+        nxt = last.argmax(dim=-1)                                              # (B,)
+        tokens.append(nxt)
+        gaps.append(top2[:, 0] - top2[:, 1])
+        seq = torch.cat([seq, nxt[:, None]], dim=1)
+    return torch.stack(tokens, dim=1), torch.stack(gaps, dim=1)
+
+
+def assert_greedy_matches(ours: torch.Tensor, ref: torch.Tensor, gaps: torch.Tensor, what: str = "") -> int:
+    """Token-identical greedy outputs, except after a step where transformers' own top-2 logits tie.
+
+    A divergence at a step whose reference top-2 gap is < TIE_TOLERANCE is reported with a warning and accepted (the
+    continuations then differ legitimately); any other divergence fails. Returns the number of tie divergences.
+    """
+    ours, ref = torch.as_tensor(ours).reshape(ref.shape[0], -1), ref
+    assert ours.shape == ref.shape, f"{what}: shape {tuple(ours.shape)} != reference {tuple(ref.shape)}"
+    ties = 0
+    for b in range(ref.shape[0]):
+        differ = (ours[b] != ref[b]).nonzero()
+        if differ.numel() == 0:
+            continue
+        step = int(differ[0])
+        gap = float(gaps[b, step])
+        if gap < TIE_TOLERANCE:
+            ties += 1
+            warnings.warn(f"{what} row {b}: diverged from transformers at step {step}, a genuine tie "
+                          f"(transformers' top-2 logits differ by {gap:.2e} < {TIE_TOLERANCE})", stacklevel=2)
+            print(f"[tie] {what} row {b} step {step}: top-2 gap {gap:.2e}")
+            continue
+        raise AssertionError(
+            f"{what} row {b}: greedy tokens diverge from transformers at step {step} (ours {int(ours[b, step])}, "
+            f"transformers {int(ref[b, step])}) where transformers' top-2 gap is {gap:.3e}, not a tie.\n"
+            f"ours: {ours[b].tolist()}\nref:  {ref[b].tolist()}")
+    return ties
+
+
+def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.detach().double() - b.detach().double()).abs().max())
+
+
+def report(name: str, diff: float) -> None:
+    """Print an observed parity gap (visible with `pytest -s`)."""
+    print(f"[parity] {name}: max|diff| = {diff:.3e}")

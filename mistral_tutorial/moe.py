@@ -97,7 +97,8 @@ class MoeLayer(nn.Module):
             out.index_add_(0, tokens, y)
             start += count
         if self.record_routing:
-            self.last_router_logits, self.last_experts, self.last_weights = router_logits.detach(), experts, weights
+            # kept with its graph in training, so the load-balancing loss can train the router
+            self.last_router_logits, self.last_experts, self.last_weights = router_logits, experts, weights
             self.last_dropped = dropped
         return out.reshape(shape)
 

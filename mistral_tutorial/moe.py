@@ -70,7 +70,7 @@ class MoeLayer(nn.Module):
         routed = x
         if self.training and self.jitter_noise > 0:
             routed = x * torch.empty_like(x).uniform_(1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
-            x = routed                                                                     # as transformers: in place
+            x = routed                                                                     # experts see the jittered input too, as in transformers
         router_logits = self.gate(routed)                                                  # (N, E)
         # Mixtral eq. (1): y = sum_{i in top-k} G(x)_i * E_i(x)
         weights, experts = route(router_logits, self.experts_per_token)                    # (N, k), (N, k)

@@ -83,6 +83,32 @@ class Attention(nn.Module):
         self.wo = nn.Linear(n_heads * head_dim, dim, bias=False)
         self.record_weights = False
         self.last_weights: torch.Tensor | None = None
+        self.fused_wqkv: torch.Tensor | None = None   # set by fuse_projections(): (dim, (H + 2 Hkv) * D)
+
+    def fuse_projections(self) -> None:
+        """Lay wq, wk, wv out as column blocks of one contiguous (dim, (H + 2 Hkv) D) matrix, in place.
+
+        The three parameters become transposed views into it (same values, shapes and state-dict keys, no extra
+        memory), so the projections can run as one matrix product. See `Transformer.optimize_for_decode`.
+        """
+        weights = [self.wq.weight, self.wk.weight, self.wv.weight]
+        fused = torch.cat([w.detach().t() for w in weights], dim=1).contiguous()          # (dim, (H+2Hkv)*D)
+        start = 0
+        for w in weights:
+            w.data = fused[:, start:start + w.shape[0]].t()
+            start += w.shape[0]
+        self.fused_wqkv = fused
+
+    def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (B, T, dim) -> q (B, T, H, D), k and v (B, T, Hkv, D)."""
+        batch, seq_len, _ = x.shape
+        fused = self.fused_wqkv
+        if fused is not None and fused.data_ptr() == self.wq.weight.data_ptr() and not torch.is_grad_enabled():
+            qkv = (x @ fused).view(batch, seq_len, self.n_heads + 2 * self.n_kv_heads, self.head_dim)
+            return qkv.split([self.n_heads, self.n_kv_heads, self.n_kv_heads], dim=2)
+        return (self.wq(x).view(batch, seq_len, self.n_heads, self.head_dim),
+                self.wk(x).view(batch, seq_len, self.n_kv_heads, self.head_dim),
+                self.wv(x).view(batch, seq_len, self.n_kv_heads, self.head_dim))
 
     def forward(
         self,
@@ -100,9 +126,8 @@ class Attention(nn.Module):
         values are stored and the attended ones come from the cache (see cache.py).
         """
         batch, seq_len, _ = x.shape
-        q = self.wq(x).view(batch, seq_len, self.n_heads, self.head_dim).transpose(1, 2)      # (B, H, T, D)
-        k = self.wk(x).view(batch, seq_len, self.n_kv_heads, self.head_dim).transpose(1, 2)   # (B, Hkv, T, D)
-        v = self.wv(x).view(batch, seq_len, self.n_kv_heads, self.head_dim).transpose(1, 2)   # (B, Hkv, T, D)
+        q, k, v = self._qkv(x)                                                                # (B, T, heads, D)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)                     # (B, heads, T, D)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)                                         # (B, Hkv, Tk, D)

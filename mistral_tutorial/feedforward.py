@@ -18,7 +18,23 @@ class FeedForward(nn.Module):
         self.w1 = nn.Linear(dim, hidden_dim, bias=False)   # gate
         self.w2 = nn.Linear(hidden_dim, dim, bias=False)   # down
         self.w3 = nn.Linear(dim, hidden_dim, bias=False)   # up
+        self.fused_w13: torch.Tensor | None = None          # set by fuse_projections(): (dim, 2 * hidden_dim)
+
+    def fuse_projections(self) -> None:
+        """Lay w1 and w3 out as the two column halves of one contiguous (dim, 2 hidden_dim) matrix, in place.
+
+        Same values, shapes and state-dict keys, no extra memory; gate and up then run as one matrix product.
+        """
+        fused = torch.cat([self.w1.weight.detach().t(), self.w3.weight.detach().t()], dim=1).contiguous()
+        hidden = self.w1.weight.shape[0]
+        self.w1.weight.data, self.w3.weight.data = fused[:, :hidden].t(), fused[:, hidden:].t()
+        self.fused_w13 = fused
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fused = self.fused_w13
+        if fused is not None and fused.data_ptr() == self.w1.weight.data_ptr() and not torch.is_grad_enabled():
+            gate, up = (x @ fused).chunk(2, dim=-1)         # one product for both: (..., hidden_dim) each
+        else:
+            gate, up = self.w1(x), self.w3(x)
         # Shazeer 2020, eq. (6): FFN_SwiGLU(x) = (Swish_1(x W) ⊗ x V) W_2, with Swish_1 = SiLU
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        return self.w2(F.silu(gate) * up)

@@ -23,7 +23,8 @@ BIN = VENV / ("Scripts" if os.name == "nt" else "bin")
 PYTHON = BIN / ("python.exe" if os.name == "nt" else "python")
 STAMP = VENV / ".installed"
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error", "MPLBACKEND": "Agg",
-       "PYTHONHASHSEED": "0", "TOKENIZERS_PARALLELISM": "false"}
+       "PYTHONHASHSEED": "0", "TOKENIZERS_PARALLELISM": "false",
+       "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}   # notebook kernels start from the venv
 
 
 def run(*args: str | Path) -> None:

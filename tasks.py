@@ -37,7 +37,7 @@ def install() -> None:
     pyproject = ROOT / "pyproject.toml"
     if STAMP.is_file() and STAMP.stat().st_mtime >= pyproject.stat().st_mtime:
         return
-    if sys.version_info < (3, 10):
+    if sys.version_info < (3, 10):  # noqa: UP036 - tasks.py may be run by an older python3
         sys.exit(f"Python >= 3.10 is needed, this is {sys.version.split()[0]}")
     if not PYTHON.exists():
         venv.EnvBuilder(with_pip=True).create(VENV)

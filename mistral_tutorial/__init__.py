@@ -15,3 +15,36 @@ from .rope import RotaryEmbedding, apply_rope, half_to_interleaved, interleaved_
 from .tokenizer import MistralTokenizer
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "presets",
+    "Attention",
+    "attention_weights",
+    "repeat_kv",
+    "sliding_window_mask",
+    "window_mask",
+    "KVCache",
+    "ConfigError",
+    "ModelConfig",
+    "RMSNorm",
+    "TokenEmbedding",
+    "rms_norm",
+    "FeedForward",
+    "NoisyTopKGate",
+    "load_balancing_loss",
+    "generate",
+    "sample_next",
+    "CheckpointError",
+    "Transformer",
+    "TransformerBlock",
+    "MoeLayer",
+    "route",
+    "route_paper",
+    "upcycle",
+    "RotaryEmbedding",
+    "apply_rope",
+    "half_to_interleaved",
+    "interleaved_to_half",
+    "rotate_half",
+    "MistralTokenizer",
+]

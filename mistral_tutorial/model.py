@@ -97,7 +97,7 @@ class Transformer(nn.Module):
             for module in self.modules():
                 if isinstance(module, nn.Linear) and module.weight.is_contiguous():
                     module.weight.data = module.weight.data.t().contiguous().t()
-                elif hasattr(module, "w1") and isinstance(getattr(module, "w1"), nn.Parameter):   # stacked experts
+                elif hasattr(module, "w1") and isinstance(module.w1, nn.Parameter):   # stacked experts
                     for name in ("w1", "w2", "w3"):
                         weight = getattr(module, name)
                         weight.data = weight.data.transpose(1, 2).contiguous().transpose(1, 2)

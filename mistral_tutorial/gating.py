@@ -15,7 +15,8 @@ def cv_squared(x: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:
     """Squared coefficient of variation, Var(x) / Mean(x)^2, of a (E,) vector (0 for a single value)."""
     if x.numel() <= 1:
         return x.new_zeros(())
-    # Shazeer et al. 2017, eq. (6): L_importance = w * CV(Importance(X))^2; the variance is the sample variance
+    # Shazeer et al. 2017, eq. (7): L_importance = w * CV(Importance(X))^2; the variance is the sample variance
+    # (divided by E - 1; tensor2tensor divides by E: a constant factor E / (E - 1))
     return x.float().var() / (x.float().mean() ** 2 + eps)
 
 
@@ -78,9 +79,9 @@ def load_balancing_loss(router_logits: torch.Tensor | tuple[torch.Tensor, ...] |
                         experts_per_token: int, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
     """The Switch Transformer auxiliary loss (Fedus et al. 2021, eqs. 4-6), as transformers trains Mixtral.
 
-    router_logits: one (N, E) tensor per layer (N = B*T tokens). loss = E * sum_i f_i * P_i, where f_i is the fraction of
-    token slots routed to expert i (each token counted k times, all layers pooled) and P_i the mean router probability
-    of expert i. attention_mask (B, T): padding tokens (0) are left out. Uniform routing gives k.
+    router_logits: one (N, E) tensor per layer (N = B*T tokens). loss = E * sum_i f_i * P_i, where f_i is the number of
+    times expert i is among a token's top k, divided by the number of tokens (so the f_i sum to k; all layers pooled),
+    and P_i the mean router probability of expert i. attention_mask (B, T): padding tokens (0) are left out. Uniform routing gives k.
     """
     layers = [router_logits] if isinstance(router_logits, torch.Tensor) else list(router_logits)
     counts = torch.zeros(n_experts, dtype=torch.float32, device=layers[0].device)

@@ -117,9 +117,11 @@ def upcycle(model: nn.Module, n_experts: int, experts_per_token: int = 2, noise_
         raise TypeError(f"upcycle takes a mistral_tutorial.Transformer, got {type(model).__name__}")
     if model.config.is_moe:
         raise ValueError("the model already has experts (n_experts > 0)")
+    from .loading import _empty_model, load_state_dict_strict
+
     config = model.config.replace(n_experts=n_experts, experts_per_token=experts_per_token)
     generator = torch.Generator().manual_seed(seed)
-    moe_model = Transformer(config).to(device=model.device, dtype=model.dtype)
+    moe_model = _empty_model(config, model.dtype, model.device)         # storage only: every tensor is set below
     state = {k: v for k, v in model.state_dict().items() if ".feed_forward." not in k}
     with torch.no_grad():
         for i, (dense, block) in enumerate(zip(model.layers, moe_model.layers)):
@@ -131,7 +133,5 @@ def upcycle(model: nn.Module, n_experts: int, experts_per_token: int = 2, noise_
                 state[f"layers.{i}.feed_forward.{name}"] = copies
             gate = torch.randn(ff.gate.weight.shape, generator=generator) * ff.gate.weight.shape[1] ** -0.5
             state[f"layers.{i}.feed_forward.gate.weight"] = gate.to(ff.gate.weight)
-    from .loading import load_state_dict_strict
-
     load_state_dict_strict(moe_model, state, "upcycled dense model")
     return moe_model.eval()

@@ -237,8 +237,10 @@ def build_parser() -> argparse.ArgumentParser:
     route = sub.add_parser("route", help="draw text coloured by first-choice expert (Mixtral Fig 8)")
     route.add_argument("text")
     route.add_argument("--out", required=True, help="PNG file to write")
-    route.add_argument("--model", help="an MoE checkpoint (default: the tiny Mixtral trained by scripts/)")
+    route.add_argument("--model", help="an MoE checkpoint (default: the tiny Mixtral in checkpoints/tiny-mixtral)")
     route.add_argument("--layer", type=int, default=None, help="layer to colour by (default: the middle one)")
+    route.add_argument("--device", default="cpu", help="e.g. cuda for real Mixtral weights")
+    route.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="bfloat16 for real Mixtral weights")
     route.set_defaults(func=_route)
     return parser
 

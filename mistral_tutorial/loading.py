@@ -248,7 +248,7 @@ def _load_gguf(path: Path, dtype: torch.dtype, device: str | torch.device, **ove
 
 
 def to_hf(model: Transformer, model_type: str | None = None) -> Any:
-    """A transformers *ForCausalLM holding this model's weights (fused Mixtral experts, as transformers 5.x keeps them).
+    """A transformers *ForCausalLM holding a copy of this model's weights (Mixtral experts fused, as transformers 5.x keeps them).
 
     model_type: 'mistral' (default for dense models, window or not), 'llama' (no window) or 'mixtral' (MoE).
     """

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .packed import PackedWeight, linear
 from .rope import apply_rope
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -84,6 +85,8 @@ class Attention(nn.Module):
         self.record_weights = False
         self.last_weights: torch.Tensor | None = None
         self.fused_wqkv: torch.Tensor | None = None   # set by fuse_projections(): (dim, (H + 2 Hkv) * D)
+        self.packed_wqkv: PackedWeight | None = None  # set by pack(): oneDNN copies for fast CPU decoding
+        self.packed_wo: PackedWeight | None = None
 
     def fuse_projections(self) -> None:
         """Lay wq, wk, wv out as column blocks of one contiguous (dim, (H + 2 Hkv) D) matrix, in place.
@@ -99,9 +102,19 @@ class Attention(nn.Module):
             start += w.shape[0]
         self.fused_wqkv = fused
 
+    def pack(self) -> None:
+        """oneDNN-packed copies of the fused q/k/v matrix and of wo (see packed.py); call after fuse_projections."""
+        if self.fused_wqkv is None:
+            raise RuntimeError("pack() needs fuse_projections() first")
+        self.packed_wqkv = PackedWeight(self.fused_wqkv.t(), guard=self.wq.weight)
+        self.packed_wo = PackedWeight(self.wo.weight, guard=self.wo.weight)
+
     def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x (B, T, dim) -> q (B, T, H, D), k and v (B, T, Hkv, D)."""
         batch, seq_len, _ = x.shape
+        if self.packed_wqkv is not None and self.packed_wqkv.usable(x, self.wq.weight):
+            qkv = self.packed_wqkv(x).view(batch, seq_len, self.n_heads + 2 * self.n_kv_heads, self.head_dim)
+            return qkv.split([self.n_heads, self.n_kv_heads, self.n_kv_heads], dim=2)
         fused = self.fused_wqkv
         if fused is not None and fused.data_ptr() == self.wq.weight.data_ptr() and not torch.is_grad_enabled():
             qkv = (x @ fused).view(batch, seq_len, self.n_heads + 2 * self.n_kv_heads, self.head_dim)
@@ -143,4 +156,4 @@ class Attention(nn.Module):
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal and mask is None,
                                                  enable_gqa=self.n_rep > 1)                   # (B, H, T, D)
         out = out.transpose(1, 2).reshape(batch, seq_len, self.n_heads * self.head_dim)       # (B, T, H*D)
-        return self.wo(out)
+        return linear(out, self.wo.weight, self.packed_wo)                                    # (B, T, dim)

@@ -17,6 +17,7 @@ from .cache import KVCache
 from .config import ModelConfig
 from .embedding import RMSNorm, TokenEmbedding
 from .feedforward import FeedForward
+from .packed import PackedWeight, can_pack, linear
 from .rope import RotaryEmbedding
 
 
@@ -61,6 +62,7 @@ class Transformer(nn.Module):
         if config.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
         self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta)
+        self.packed_output: PackedWeight | None = None   # set by optimize_for_decode(pack=True)
 
     # -----------------------------------------------------------------------------------------------------------------
     @property
@@ -80,13 +82,16 @@ class Transformer(nn.Module):
             total -= c.n_layers * (c.n_experts - c.experts_per_token) * expert_params
         return total
 
-    def optimize_for_decode(self) -> Transformer:
+    def optimize_for_decode(self, pack: bool = True) -> Transformer:
         """Lay the weights out for fast token-by-token decoding, in place; returns self.
 
-        Every projection matrix W (out, in) becomes a transposed view of a contiguous (in, out) tensor, and wq/wk/wv
-        (and w1/w3) become column blocks of one such tensor, so each runs as one matrix product. Values, shapes and
-        state-dict keys stay the same and no memory is added. Decoding one token is bound by reading the weights, and
-        a CPU matrix-vector product streams this layout about 1.4x faster (see benchmarks/). Not needed on a GPU.
+        1. Every projection matrix W (out, in) becomes a transposed view of a contiguous (in, out) tensor, and wq/wk/wv
+           (and w1/w3) become column blocks of one such tensor, so each group runs as one matrix product. Values,
+           shapes and state-dict keys stay the same and no memory is added.
+        2. pack=True (on a CPU with oneDNN): each of those matrices also gets a oneDNN-packed copy (packed.py), which
+           a matrix-vector product streams at close to the memory bandwidth. This doubles the weights' memory.
+        Decoding one token is bound by reading the weights, so generation speeds up by about as much as the reading
+        does (benchmarks/). Not needed on a GPU. Training, gradients and changed weights fall back to the plain path.
         Tensors saved with safetensors must be contiguous: `.contiguous()` the state-dict entries before saving.
         """
         with torch.no_grad():
@@ -101,6 +106,12 @@ class Transformer(nn.Module):
                     for name in ("w1", "w2", "w3"):
                         weight = getattr(module, name)
                         weight.data = weight.data.transpose(1, 2).contiguous().transpose(1, 2)
+            if pack and can_pack(self.output.weight):
+                for layer in self.layers:
+                    layer.attention.pack()
+                    if isinstance(layer.feed_forward, FeedForward):
+                        layer.feed_forward.pack()
+                self.packed_output = PackedWeight(self.output.weight, guard=self.output.weight)
         return self
 
     def router_logits(self) -> list[torch.Tensor]:
@@ -159,7 +170,7 @@ class Transformer(nn.Module):
             cache.commit()
         if last_only:
             x = x[:, -1:]
-        logits = self.output(self.norm(x))                                                 # (B, T, vocab)
+        logits = linear(self.norm(x), self.output.weight, self.packed_output)               # (B, T, vocab)
         return (logits, hidden) if return_hidden_states else logits
 
     def _check_tokens(self, tokens: torch.Tensor, cache: KVCache | None) -> None:

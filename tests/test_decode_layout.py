@@ -59,3 +59,24 @@ def test_moving_the_model_falls_back_to_the_plain_path():
         reference = model(tokens)
         moved = model.to(torch.float64)                  # new storage: the fused matrices are stale and must not be used
         torch.testing.assert_close(moved(tokens).float(), reference, atol=1e-5, rtol=0)
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="oneDNN packing needs an mkldnn build")
+def test_packed_copies_are_used_and_never_stale():
+    config = tiny_config(sliding_window=4)
+    model = mt.Transformer(config).eval()
+    tokens = torch.randint(0, config.vocab_size, (1, 11))
+    with torch.no_grad():
+        reference = model(tokens)
+    model.optimize_for_decode(pack=True)
+    attention = model.layers[0].attention
+    assert attention.packed_wqkv is not None and model.packed_output is not None
+    with torch.no_grad():
+        assert attention.packed_wqkv.usable(tokens.float(), attention.wq.weight)
+        torch.testing.assert_close(model(tokens), reference, atol=1e-5, rtol=0)
+        # an in-place change of a weight makes its packed copy stale: the plain path must see the new value
+        model.layers[1].feed_forward.w2.weight.mul_(2.0)
+        plain = mt.Transformer(config).eval()
+        plain.load_state_dict({k: v.contiguous() for k, v in model.state_dict().items()})
+        torch.testing.assert_close(model(tokens), plain(tokens), atol=1e-5, rtol=0)
+        assert not model.layers[1].feed_forward.packed_w2.usable(tokens.float(), model.layers[1].feed_forward.w2.weight)

@@ -157,3 +157,28 @@ def save_figure(fig: Figure | Axes, name: str, dpi: int = 110) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=dpi, bbox_inches="tight", metadata={"Software": None})
     return path
+
+
+def plot_training_log(log: dict, domains: Sequence[str]) -> Figure:
+    """LM loss (per step, smoothed, held-out per domain) and load-balancing loss of a training log written by
+    scripts/train_tiny_mixtral.py (`training_log.json`)."""
+    steps = [r["step"] for r in log["train"]]
+    lm = [r["lm_loss"] for r in log["train"]]
+    window = 20
+    smooth = [sum(lm[max(0, i - window + 1):i + 1]) / len(lm[max(0, i - window + 1):i + 1]) for i in range(len(lm))]
+    fig, (ax_lm, ax_aux) = plt.subplots(1, 2, figsize=(10, 3.6), constrained_layout=True)
+    ax_lm.plot(steps, lm, color="#bbbbbb", lw=0.8, label="train (per step)")
+    ax_lm.plot(steps, smooth, color="black", lw=1.5, label=f"train ({window}-step mean)")
+    for domain, color in zip(domains, ("#1f77b4", "#2ca02c", "#d62728")):
+        ax_lm.plot([r["step"] for r in log["eval"]], [r["held_out"][domain] for r in log["eval"]], "o-", ms=3,
+                   color=color, label=f"held-out {domain}")
+    ax_lm.set(xlabel="step", ylabel="cross-entropy (nats / token)", title="LM loss", ylim=(0, None))
+    ax_lm.legend(fontsize=8)
+    ax_aux.plot(steps, [r["aux_loss"] for r in log["train"]], color="#9467bd", lw=1)
+    k = log["config"]["experts_per_token"]
+    ax_aux.axhline(k, color="gray", ls="--", lw=1, label=f"uniform routing = k = {k}")
+    ax_aux.set(xlabel="step", ylabel="E * sum_i f_i P_i", title="load-balancing loss (Switch eq. 4, layer mean)")
+    ax_aux.legend(fontsize=8)
+    fig.suptitle(f"tiny Mixtral ({log['parameters'] / 1e6:.1f} M parameters, 8 experts, top-2): "
+                 f"{log['args']['steps']} steps of {log['args']['batch_size']} x {log['args']['seq_len']} tokens")
+    return fig

@@ -102,6 +102,8 @@ def _generate(args: argparse.Namespace) -> int:
         overrides["sliding_window"] = args.sliding_window if args.sliding_window > 0 else None
     t0 = time.perf_counter()
     model = load_pretrained(path, dtype=dtype, device=args.device, **overrides)
+    if model.device.type == "cpu":
+        model.optimize_for_decode()          # fused, oneDNN-packed projections: see Transformer.optimize_for_decode
     tokenizer = _Tokenizer(path)
     print(f"loaded {path.name} ({model.num_parameters() / 1e6:.0f} M parameters, {args.dtype}, {args.device}, "
           f"window={model.config.sliding_window}) in {time.perf_counter() - t0:.1f} s", file=sys.stderr)

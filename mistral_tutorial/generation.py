@@ -120,5 +120,5 @@ def generate(
             on_token(next_token)
         if step + 1 == max_new_tokens or (stops.numel() and bool(finished.all())):
             return out[:, :step + 1]
-        logits = model(next_token[:, None], cache=cache)                                     # (B, 1, vocab)
+        logits = model(next_token[:, None], cache=cache, check_ids=False)                    # (B, 1, vocab)
     return out

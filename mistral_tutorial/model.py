@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .attention import Attention, sliding_window_mask
@@ -134,15 +135,21 @@ class Transformer(nn.Module):
 
     # -----------------------------------------------------------------------------------------------------------------
     def forward(self, tokens: torch.Tensor, cache: KVCache | None = None, last_only: bool = False,
-                return_hidden_states: bool = False) -> Any:
+                return_hidden_states: bool = False, check_ids: bool = True) -> Any:
         """Logits (B, T, vocab) for tokens (B, T); (B, 1, vocab) when `last_only`.
+
+        check_ids=False skips the vocabulary range check (a host-device sync on a GPU): for tokens known to be valid,
+        such as the ones generate() just sampled.
 
         With `return_hidden_states`, returns (logits, hidden) where hidden[0] is the embedding output and hidden[i] the
         residual stream after layer i (before the final norm).
         """
         self._check_tokens(tokens, cache)
         batch, seq_len = tokens.shape
-        x = self.tok_embeddings(tokens)                                                    # (B, T, dim)
+        if check_ids:
+            x = self.tok_embeddings(tokens)                                                # (B, T, dim)
+        else:
+            x = F.embedding(tokens, self.tok_embeddings.weight)                            # (B, T, dim)
 
         is_causal = False
         if cache is None:

@@ -1,22 +1,24 @@
 """mistral_tutorial: Mistral 7B and Mixtral 8x7B from scratch, one module per idea, checked against transformers."""
 
-from . import presets
+from . import loading, presets
 from .attention import Attention, attention_weights, repeat_kv, sliding_window_mask, window_mask
 from .cache import KVCache
 from .config import ConfigError, ModelConfig
 from .embedding import RMSNorm, TokenEmbedding, rms_norm
+from .errors import CheckpointError
 from .feedforward import FeedForward
 from .gating import NoisyTopKGate, load_balancing_loss
 from .generation import generate, sample_next
-from .loading import CheckpointError
 from .model import Transformer, TransformerBlock
 from .moe import MoeLayer, route, route_paper, upcycle
+from .packed import pack_for_decode, unpack
 from .rope import RotaryEmbedding, apply_rope, half_to_interleaved, interleaved_to_half, rotate_half
 from .tokenizer import MistralTokenizer
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "loading",
     "presets",
     "Attention",
     "attention_weights",
@@ -36,6 +38,8 @@ __all__ = [
     "sample_next",
     "CheckpointError",
     "Transformer",
+    "pack_for_decode",
+    "unpack",
     "TransformerBlock",
     "MoeLayer",
     "route",

@@ -1,7 +1,7 @@
 """Peak memory and seconds to load a hub-layout checkpoint and run one forward pass: ours against transformers.
 
     python benchmarks/bench_load.py                    # a 1B Mistral-shaped bf16 checkpoint, 5 shards + index
-    python benchmarks/bench_load.py --size small       # ~150 MB (what the CI test holds to the same ratio)
+    python benchmarks/bench_load.py --size small       # ~120 MB, 2 shards (what the CI test holds to the ratio)
     python benchmarks/bench_load.py --size 7b          # exactly Mistral-7B-v0.1's shapes: 14.5 GB, 2 shards
 
 The checkpoint is generated once (seeded random bf16 weights, `mistral_tutorial.export.write_random_checkpoint`) into
@@ -27,13 +27,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 SIZES = {   # name: (config.json fields over Mistral-7B-v0.1's, shard bytes)
     "small": (dict(hidden_size=512, intermediate_size=1792, num_hidden_layers=8, num_attention_heads=8,
-                   num_key_value_heads=2, vocab_size=32000), 40 * 10**6),
+                   num_key_value_heads=2, vocab_size=32000), 70 * 10**6),
     "1b": (dict(hidden_size=2048, intermediate_size=7168, num_hidden_layers=16, num_attention_heads=16,
                 num_key_value_heads=4), 450 * 10**6),
     "7b": ({}, 10 * 10**9),
 }
 KINDS = {"ours": "mistral_tutorial, fast layout (default)", "ours-plain": "mistral_tutorial, fast=False",
-         "transformers": "transformers AutoModelForCausalLM"}
+         "transformers": "transformers AutoModelForCausalLM",
+         "ours-fp32": "mistral_tutorial into fp32 (twice the bytes)"}
 
 
 def checkpoint(size: str) -> Path:
@@ -42,7 +43,7 @@ def checkpoint(size: str) -> Path:
     from mistral_tutorial.export import MISTRAL_7B_V0_1_CONFIG, write_random_checkpoint
 
     fields, shard_bytes = SIZES[size]
-    folder = cache_dir() / "bench" / f"mistral-{size}-bf16"
+    folder = cache_dir() / "bench" / f"mistral-{size}-bf16-shards-of-{shard_bytes // 10**6}MB"
     if not (folder / "config.json").is_file():
         write_random_checkpoint(folder.with_suffix(".tmp"), {**MISTRAL_7B_V0_1_CONFIG, **fields},
                                 shard_bytes=shard_bytes)
@@ -79,7 +80,8 @@ def child(kind: str, folder: Path, logits_out: Path) -> dict:
             load_s = time.perf_counter() - start
             logits = model(ids).logits[0, -1]
         else:
-            model = mt.Transformer.from_pretrained(folder, dtype="auto", fast=kind == "ours")
+            dtype = torch.float32 if kind == "ours-fp32" else "auto"
+            model = mt.Transformer.from_pretrained(folder, dtype=dtype, fast=kind != "ours-plain")
             load_s = time.perf_counter() - start
             logits = model(ids)[0, -1]
     total_s = time.perf_counter() - start
@@ -106,7 +108,7 @@ def measure(kind: str, folder: Path) -> tuple[dict, torch.Tensor]:   # noqa: F82
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", choices=SIZES, default="1b")
-    parser.add_argument("--kinds", nargs="+", choices=KINDS, default=list(KINDS))
+    parser.add_argument("--kinds", nargs="+", choices=KINDS, default=["ours", "ours-plain", "transformers"])
     parser.add_argument("--child", choices=KINDS, help=argparse.SUPPRESS)
     parser.add_argument("--folder", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--logits", type=Path, help=argparse.SUPPRESS)
@@ -128,7 +130,7 @@ def main() -> None:
               f"{report['load_s']:.1f} | {report['total_s']:.1f} |", flush=True)
     if "transformers" in logits:
         for kind, value in logits.items():
-            if kind != "transformers":
+            if kind not in ("transformers", "ours-fp32"):
                 diff = (value - logits["transformers"]).abs().max().item()
                 same = int(value.argmax()) == int(logits["transformers"].argmax())
                 print(f"\n{kind} vs transformers, last-position logits (bf16): max-abs-diff {diff:.3g}, "

@@ -44,6 +44,16 @@ def drop_pages(address: int, n_bytes: int) -> None:
             pass
 
 
+def trim_heap() -> None:
+    """Ask glibc to return freed heap memory to the kernel (malloc_trim). The loader's temporaries (a converted tensor,
+    a group about to be packed) are freed between long-lived allocations, and glibc would otherwise keep their pages,
+    which counts towards the process's memory. Elsewhere than glibc it does nothing."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 @dataclass(frozen=True)
 class TensorInfo:
     """What a file's header says of one tensor: enough to plan the load without reading data."""

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .checkpoint import TensorSource, open_gguf
+from .checkpoint import TensorSource, open_gguf, trim_heap
 from .config import ModelConfig
 from .errors import CheckpointError
 from .model import Transformer
@@ -334,6 +334,7 @@ def _assemble(source: TensorSource, fmt: str, config: ModelConfig, dtype: torch.
                         pack_group(module, names)
                         for held_name, held in waiting.pop(keys[0], []):
                             source.release(held_name, held)
+                        trim_heap()                           # the group's dense temporaries, back to the kernel
             if not in_use:
                 source.release(name, tensor)
             del tensor

@@ -77,7 +77,7 @@ def test_peak_memory_against_the_checkpoint_and_transformers():
 
     folder = checkpoint("small")
     n_bytes = checkpoint_bytes(folder)
-    reports = {kind: measure(kind, folder) for kind in ("ours", "ours-plain", "transformers")}
+    reports = {kind: measure(kind, folder) for kind in ("ours", "ours-plain", "transformers", "ours-fp32")}
     theirs = reports["transformers"][0]["peak_bytes"]
     for kind in ("ours", "ours-plain"):
         peak = reports[kind][0]["peak_bytes"]
@@ -85,6 +85,9 @@ def test_peak_memory_against_the_checkpoint_and_transformers():
         assert peak <= 1.15 * n_bytes, (kind, peak / n_bytes)
         assert peak <= theirs + 0.02 * n_bytes, (kind, peak / n_bytes, theirs / n_bytes)
         assert torch.equal(reports[kind][1], reports["transformers"][1])         # same bf16 logits
+    # into another dtype: the final model's bytes (fp32: twice the bf16 file) plus at most one shard
+    largest_shard = max(f.stat().st_size for f in folder.glob("*.safetensors"))
+    assert reports["ours-fp32"][0]["peak_bytes"] <= 2 * n_bytes + largest_shard, reports["ours-fp32"][0]
 
 
 def test_real_size_check_on_a_small_model():

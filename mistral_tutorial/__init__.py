@@ -3,12 +3,12 @@
 from . import presets
 from .attention import Attention, attention_weights, repeat_kv, sliding_window_mask, window_mask
 from .cache import KVCache
-from .config import ConfigError, ModelConfig
+from .config import ModelConfig
 from .embedding import RMSNorm, TokenEmbedding, rms_norm
+from .errors import CheckpointConfigError, CheckpointError, ConfigError
 from .feedforward import FeedForward
 from .gating import NoisyTopKGate, load_balancing_loss
 from .generation import generate, sample_next
-from .loading import CheckpointError
 from .model import Transformer, TransformerBlock
 from .moe import MoeLayer, route, route_paper, upcycle
 from .rope import RotaryEmbedding, apply_rope, half_to_interleaved, interleaved_to_half, rotate_half
@@ -35,6 +35,7 @@ __all__ = [
     "generate",
     "sample_next",
     "CheckpointError",
+    "CheckpointConfigError",
     "Transformer",
     "TransformerBlock",
     "MoeLayer",

@@ -15,13 +15,9 @@ from typing import Any
 import torch
 
 from .config import ModelConfig
+from .errors import CheckpointError
 from .model import Transformer
 from .rope import half_to_interleaved, interleaved_to_half
-
-
-class CheckpointError(ValueError):
-    """A checkpoint does not fit the model: a missing, unexpected or mis-shaped tensor, or an unknown format."""
-
 
 # transformers name (after `model.`) -> our name. {i} is the layer index.
 _HF_TO_OURS = {

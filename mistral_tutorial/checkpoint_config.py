@@ -211,6 +211,9 @@ def hf_fields(config: Any, source: str = "transformers config") -> dict[str, Any
     missing = [k for k in HF_REQUIRED if k not in c]
     if missing:
         raise fail(source, f"missing required field(s) {missing}: not a complete {model_type} config")
+    quantization = c.get("quantization_config")
+    if isinstance(quantization, dict) and quantization.get("quant_method") == "gguf":
+        c = {k: v for k, v in c.items() if k != "quantization_config"}      # transformers dequantized a GGUF
     unknown = sorted((k for k in c if k not in HF_READ | HF_INERT | set(HF_NEUTRAL_ONLY)), key=str)
     if unknown:
         shown = ", ".join(f"{k}={_short(c[k])}" for k in unknown[:6])

@@ -20,7 +20,8 @@ import math
 from pathlib import Path
 from typing import Any
 
-from .errors import CheckpointConfigError
+from .errors import CheckpointConfigError, ConfigError
+from .rope import check_rope_scaling
 
 MODEL_TYPES = ("mistral", "mixtral", "llama")
 
@@ -199,7 +200,10 @@ def _hf_rope(c: dict[str, Any], source: str) -> tuple[float, dict[str, Any] | No
             raise fail(source, f"rope_type 'default' (plain RoPE) with scaling fields {_short(rope)}: "
                                f"give a rope_type ('linear' or 'llama3') or drop them")
         return theta, None
-    return theta, {"rope_type": rope_type, **rope}
+    try:
+        return theta, check_rope_scaling({"rope_type": rope_type, **rope})
+    except ConfigError as err:
+        raise fail(source, str(err)) from None
 
 
 def hf_fields(config: Any, source: str = "transformers config") -> dict[str, Any]:

@@ -32,6 +32,8 @@ HF_DEFAULTS: dict[str, dict[str, Any]] = {
                     num_local_experts=8, num_experts_per_tok=2),
     "llama": dict(num_key_value_heads=None, sliding_window=None, rms_norm_eps=1e-6, max_position_embeddings=2048),
 }
+# and the rope_theta each class assumes when a config gives none (`default_theta`)
+HF_DEFAULT_THETA = {"mistral": 10000.0, "mixtral": 1000000.0, "llama": 10000.0}
 HF_REQUIRED = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                "num_attention_heads")
 HF_READ = {*HF_REQUIRED, "num_key_value_heads", "head_dim", "rms_norm_eps", "max_position_embeddings",
@@ -161,7 +163,7 @@ def _as_dict(config: Any, source: str, what: str) -> tuple[dict[str, Any], str]:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-def _hf_rope(c: dict[str, Any], source: str) -> tuple[float, dict[str, Any] | None]:
+def _hf_rope(c: dict[str, Any], source: str, default_theta: float) -> tuple[float, dict[str, Any] | None]:
     """(rope_theta, rope_scaling or None) from `rope_parameters`, the older `rope_scaling` and a top-level rope_theta."""
     parts = {}
     for key in ("rope_parameters", "rope_scaling"):
@@ -180,8 +182,8 @@ def _hf_rope(c: dict[str, Any], source: str) -> tuple[float, dict[str, Any] | No
     rope_type = rope.pop("rope_type", "default")
     if "rope_theta" in rope and "rope_theta" in c and rope["rope_theta"] != c["rope_theta"]:
         raise fail(source, f"rope_theta given twice: {c['rope_theta']!r} and {rope['rope_theta']!r} in rope_parameters")
-    theta = _number({"rope_theta": rope.pop("rope_theta", c.get("rope_theta", 10000.0))}, "rope_theta", source,
-                    10000.0)
+    theta = _number({"rope_theta": rope.pop("rope_theta", c.get("rope_theta", default_theta))}, "rope_theta", source,
+                    default_theta)
     factor = rope.pop("partial_rotary_factor", None)
     if not _is_neutral(factor, (1.0, None)):
         raise fail(source, f"partial_rotary_factor={_short(factor)} is not implemented (RoPE on part of each head)")
@@ -252,7 +254,7 @@ def hf_fields(config: Any, source: str = "transformers config") -> dict[str, Any
             if c.get(key) is not None:
                 raise fail(source, f"{key}={_short(c[key])} in a {model_type} config: transformers' "
                                    f"{model_type.capitalize()} has no experts and would ignore it; use 'mixtral'")
-    rope_theta, rope_scaling = _hf_rope(c, source)
+    rope_theta, rope_scaling = _hf_rope(c, source, HF_DEFAULT_THETA[model_type])
     return dict(vocab_size=c["vocab_size"], dim=c["hidden_size"], n_layers=c["num_hidden_layers"], n_heads=n_heads,
                 n_kv_heads=n_kv_heads, head_dim=head_dim, hidden_dim=c["intermediate_size"],
                 norm_eps=_number(c, "rms_norm_eps", source, 1e-6), rope_theta=rope_theta, sliding_window=window,

@@ -75,6 +75,13 @@ def _integer_tensor(value: Any, name: str) -> torch.Tensor | None:
     return value.long()
 
 
+def _is_scalar(value: Any) -> bool:
+    """Not a row: anything but a sequence (a string counts as a row, to be told to tokenize), a tensor or an array."""
+    if isinstance(value, (torch.Tensor,)) or (type(value).__module__ == "numpy" and hasattr(value, "ndim")):
+        return value.ndim == 0
+    return not isinstance(value, Sequence)
+
+
 def _token_row(row: Any, name: str, index: int | None) -> list[int]:
     """One prompt as a list of ints; names the first entry that is not an integer."""
     where = f"{name}" if index is None else f"{name}[{index}]"
@@ -119,8 +126,7 @@ def as_token_batch(input_ids: Any, device: torch.device) -> tuple[torch.Tensor, 
     if not isinstance(input_ids, Sequence):
         raise TypeError(f"input_ids must be a tensor, a list of token ids or a list of such lists, "
                         f"got {_describe(input_ids)}")
-    flat = len(input_ids) > 0 and all(is_int(t) or (isinstance(t, torch.Tensor) and t.dim() == 0)
-                                      for t in input_ids)
+    flat = any(_is_scalar(t) for t in input_ids)              # [1, 2.5, 3] is one row with a bad entry
     rows = [_token_row(input_ids, "input_ids", None)] if flat else [
         _token_row(row, "input_ids", i) for i, row in enumerate(input_ids)]
     if not rows or any(len(r) == 0 for r in rows):

@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import torch
+
+from . import cli_args as check
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -28,103 +28,6 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
 
 class CliError(Exception):
     """An error the CLI reports as one line, exit status 2."""
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Argument types: each refuses a bad value while parsing, naming it
-def _int_at_least(minimum: int, meaning: str = "") -> Callable[[str], int]:
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"{value} is below {minimum}{meaning}")
-        return value
-
-    return parse
-
-
-def _float_in(low: float, high: float, low_open: bool, what: str) -> Callable[[str], float]:
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-        above = value > low if low_open else value >= low
-        if not (math.isfinite(value) and above and value <= high):
-            raise argparse.ArgumentTypeError(f"{text} is not {what}")
-        return value
-
-    return parse
-
-
-def _seed(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if not 0 <= value < 2**63:
-        raise argparse.ArgumentTypeError(f"{value} is outside 0 .. 2**63 - 1")
-    return value
-
-
-def _device(text: str) -> str:
-    try:
-        device = torch.device(text)
-    except (RuntimeError, ValueError):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a torch device (cpu, cuda, cuda:1, mps)") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise argparse.ArgumentTypeError(f"{text}: torch sees no CUDA device; use --device cpu")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise argparse.ArgumentTypeError(f"{text}: there are {torch.cuda.device_count()} CUDA devices")
-    elif device.type == "mps" and not torch.backends.mps.is_available():
-        raise argparse.ArgumentTypeError(f"{text}: torch sees no MPS device; use --device cpu")
-    elif device.type not in ("cpu", "cuda", "mps"):
-        raise argparse.ArgumentTypeError(f"{text}: expected cpu, cuda or mps")
-    return text
-
-
-def _existing_path(text: str) -> str:
-    path = Path(text).expanduser()
-    if not path.exists():
-        raise argparse.ArgumentTypeError(f"{text}: no such file or directory (a transformers dir, a reference folder "
-                                         f"with params.json, or a .gguf file)")
-    return text
-
-
-def _png_out(text: str) -> str:
-    """A .png path that can be written exactly as given: not a directory, its folder already there."""
-    path = Path(text).expanduser()
-    if path.is_dir():
-        raise argparse.ArgumentTypeError(f"{text} is a directory; give a file name such as {path / 'routing.png'}")
-    if path.suffix.lower() != ".png":
-        raise argparse.ArgumentTypeError(f"{text} does not end in .png; the figure is a PNG, e.g. {text}.png")
-    parent = path.parent if str(path.parent) else Path(".")
-    if not parent.is_dir():
-        raise argparse.ArgumentTypeError(f"the folder {parent} does not exist; create it first")
-    if not os.access(parent, os.W_OK):
-        raise argparse.ArgumentTypeError(f"the folder {parent} is not writable")
-    return text
-
-
-def _preset_or_path(text: str) -> str:
-    from .presets import PRESETS
-
-    if text in PRESETS:
-        return text
-    if not Path(text).expanduser().exists():
-        raise argparse.ArgumentTypeError(f"{text}: no such file or directory, and not a preset ({', '.join(PRESETS)})")
-    return text
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse, with its errors on one line (no usage block): `error: <command>: <problem>`."""
-
-    def error(self, message: str) -> NoReturn:
-        print(f"error: {self.prog}: {message} (see {self.prog} --help)", file=sys.stderr)
-        sys.exit(2)
 
 
 def _fetch(args: argparse.Namespace) -> int:
@@ -141,7 +44,7 @@ def _resolve_model_path(model: str | None) -> Path:
     if model is None:
         return require_default_model()
     try:
-        return Path(_existing_path(model)).expanduser()
+        return Path(check.existing_path(model)).expanduser()
     except argparse.ArgumentTypeError as err:
         raise CliError(str(err)) from None
 
@@ -314,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                         help="show the Python traceback of an error instead of one line")
-    parser = _Parser(prog="mistral-tutorial", parents=[common],
+    parser = check.OneLineParser(prog="mistral-tutorial", parents=[common],
                      description="Mistral / Mixtral from scratch: fetch, info, generate, route.")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -326,25 +229,26 @@ def build_parser() -> argparse.ArgumentParser:
     fetch.set_defaults(func=_fetch)
 
     info = add("info", help="config, parameter counts and KV-cache memory of a model or preset")
-    info.add_argument("model", nargs="?", type=_preset_or_path, help="a preset (mistral-7b-v0.1, mixtral-8x7b-v0.1) or a model path")
-    info.add_argument("--length", type=_int_at_least(1), default=32768,
+    info.add_argument("model", nargs="?", type=check.preset_or_path,
+                      help="a preset (mistral-7b-v0.1, mixtral-8x7b-v0.1) or a model path")
+    info.add_argument("--length", type=check.int_at_least(1), default=32768,
                       help="tokens for the KV-cache estimate (default 32768)")
     info.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
     info.set_defaults(func=_info)
 
     gen = add("generate", help="generate text (greedy by default), streamed")
     gen.add_argument("prompt")
-    gen.add_argument("--model", type=_existing_path,
+    gen.add_argument("--model", type=check.existing_path,
                      help="transformers dir, reference folder or .gguf (default: the fetched SmolLM2)")
-    gen.add_argument("--max-new-tokens", type=_int_at_least(1), default=128)
-    gen.add_argument("--temperature", type=_float_in(0.0, math.inf, False, "a finite number >= 0"), default=0.0,
+    gen.add_argument("--max-new-tokens", type=check.int_at_least(1), default=128)
+    gen.add_argument("--temperature", type=check.float_in(0.0, math.inf, False, "a finite number >= 0"), default=0.0,
                      help="0 = greedy (default)")
-    gen.add_argument("--top-p", type=_float_in(0.0, 1.0, True, "in (0, 1]"), default=None)
-    gen.add_argument("--top-k", type=_int_at_least(0, " (0 = off)"), default=None)
-    gen.add_argument("--seed", type=_seed, default=None)
-    gen.add_argument("--sliding-window", type=_int_at_least(0, " (0 = full attention, else a window >= 1)"),
+    gen.add_argument("--top-p", type=check.float_in(0.0, 1.0, True, "in (0, 1]"), default=None)
+    gen.add_argument("--top-k", type=check.int_at_least(0, " (0 = off)"), default=None)
+    gen.add_argument("--seed", type=check.seed, default=None)
+    gen.add_argument("--sliding-window", type=check.int_at_least(0, " (0 = full attention, else a window >= 1)"),
                      default=None, help="override the window (0 = full attention)")
-    gen.add_argument("--device", type=_device, default="cpu")
+    gen.add_argument("--device", type=check.device, default="cpu")
     gen.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     gen.add_argument("--no-chat", action="store_true", help="feed the prompt raw, without the chat template")
     gen.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-sequence token")
@@ -354,13 +258,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     route = add("route", help="draw text coloured by first-choice expert (Mixtral Fig 8)")
     route.add_argument("text")
-    route.add_argument("--out", type=_png_out, required=True,
+    route.add_argument("--out", type=check.png_out, required=True,
                        help="PNG file to write, exactly this path (its folder must exist)")
-    route.add_argument("--model", type=_existing_path,
+    route.add_argument("--model", type=check.existing_path,
                        help="an MoE checkpoint (default: the tiny Mixtral in checkpoints/tiny-mixtral)")
-    route.add_argument("--layer", type=_int_at_least(0), default=None,
+    route.add_argument("--layer", type=check.int_at_least(0), default=None,
                        help="layer to colour by (default: the middle one)")
-    route.add_argument("--device", type=_device, default="cpu", help="e.g. cuda for real Mixtral weights")
+    route.add_argument("--device", type=check.device, default="cpu", help="e.g. cuda for real Mixtral weights")
     route.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="bfloat16 for real Mixtral weights")
     route.set_defaults(func=_route)
     return parser

@@ -61,10 +61,12 @@ def generate(
 ) -> torch.Tensor:
     """Generate up to `max_new_tokens` tokens after each prompt: (B, N) int64 new tokens.
 
-    input_ids: (B, T) tensor, or a list of token lists (different lengths are left-padded). prefill_chunk_size: the
+    input_ids: a (B, T) or (T,) integer tensor or numpy array, a list of ints, or a list of such lists (different
+    lengths are left-padded); floats, bools and strings are refused with a TypeError. prefill_chunk_size: the
     prompt goes through the model in chunks of this many tokens (default: W with a window, else all at once).
     stop_tokens: a row ends at the first of these; its later positions repeat that stop token, and generation stops
     early once every row has ended. on_token: called with each step's (B,) new tokens, for streaming.
+    Every argument is checked before the model runs (inputs.py): a bad one is a TypeError or ValueError naming it.
     """
     if not isinstance(model, Transformer):
         raise TypeError(f"generate() takes a mistral_tutorial Transformer as `model`, got {type(model).__name__}")

@@ -1,6 +1,6 @@
 """mistral_tutorial: Mistral 7B and Mixtral 8x7B from scratch, one module per idea, checked against transformers."""
 
-from . import presets
+from . import loading, presets
 from .attention import Attention, attention_weights, repeat_kv, sliding_window_mask, window_mask
 from .cache import KVCache
 from .config import ModelConfig
@@ -11,12 +11,14 @@ from .gating import NoisyTopKGate, load_balancing_loss
 from .generation import generate, sample_next
 from .model import Transformer, TransformerBlock
 from .moe import MoeLayer, route, route_paper, upcycle
+from .packed import pack_for_decode, unpack
 from .rope import RotaryEmbedding, apply_rope, half_to_interleaved, interleaved_to_half, rotate_half
 from .tokenizer import MistralTokenizer
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "loading",
     "presets",
     "Attention",
     "attention_weights",
@@ -37,6 +39,8 @@ __all__ = [
     "CheckpointError",
     "CheckpointConfigError",
     "Transformer",
+    "pack_for_decode",
+    "unpack",
     "TransformerBlock",
     "MoeLayer",
     "route",

@@ -13,7 +13,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .packed import PackedWeight, linear
 from .rope import apply_rope
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -68,6 +67,7 @@ class Attention(nn.Module):
     """Multi-head attention with H query heads sharing Hkv key/value heads (GQA; Hkv = H is MHA, Hkv = 1 is MQA).
 
     Weights are named as in the reference implementation: wq (H*D, dim), wk and wv (Hkv*D, dim), wo (dim, H*D).
+    On a CPU, packed.py swaps wq, wk, wv for three parts of one packed matrix (one product), and wo for another.
     Set `record_weights = True` to keep the last attention weights (B, H, Tq, Tk) in `last_weights` for plots.
     """
 
@@ -84,45 +84,6 @@ class Attention(nn.Module):
         self.wo = nn.Linear(n_heads * head_dim, dim, bias=False)
         self.record_weights = False
         self.last_weights: torch.Tensor | None = None
-        self.fused_wqkv: torch.Tensor | None = None   # set by fuse_projections(): (dim, (H + 2 Hkv) * D)
-        self.packed_wqkv: PackedWeight | None = None  # set by pack(): oneDNN copies for fast CPU decoding
-        self.packed_wo: PackedWeight | None = None
-
-    def fuse_projections(self) -> None:
-        """Lay wq, wk, wv out as column blocks of one contiguous (dim, (H + 2 Hkv) D) matrix, in place.
-
-        The three parameters become transposed views into it (same values, shapes and state-dict keys, no extra
-        memory), so the projections can run as one matrix product. See `Transformer.optimize_for_decode`.
-        """
-        weights = [self.wq.weight, self.wk.weight, self.wv.weight]
-        fused = torch.cat([w.detach().t() for w in weights], dim=1).contiguous()          # (dim, (H+2Hkv)*D)
-        start = 0
-        for w in weights:
-            w.data = fused[:, start:start + w.shape[0]].t()
-            start += w.shape[0]
-        self.fused_wqkv = fused
-
-    def pack(self) -> None:
-        """oneDNN-packed copies of the fused q/k/v matrix and of wo (see packed.py); call after fuse_projections."""
-        if self.fused_wqkv is None:
-            raise RuntimeError("pack() needs fuse_projections() first")
-        self.packed_wqkv = PackedWeight(self.fused_wqkv.t(), guard=self.wq.weight)
-        self.packed_wo = PackedWeight(self.wo.weight, guard=self.wo.weight)
-
-    def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x (B, T, dim) -> q (B, T, H, D), k and v (B, T, Hkv, D)."""
-        batch, seq_len, _ = x.shape
-        if self.packed_wqkv is not None and self.packed_wqkv.usable(x, self.wq.weight):
-            qkv = self.packed_wqkv(x).view(batch, seq_len, self.n_heads + 2 * self.n_kv_heads, self.head_dim)
-            return qkv.split([self.n_heads, self.n_kv_heads, self.n_kv_heads], dim=2)
-        fused = self.fused_wqkv
-        if fused is not None and fused.data_ptr() == self.wq.weight.data_ptr() and not torch.is_grad_enabled():
-            qkv = (x @ fused).view(batch, seq_len, self.n_heads + 2 * self.n_kv_heads, self.head_dim)
-            return qkv.split([self.n_heads, self.n_kv_heads, self.n_kv_heads], dim=2)
-        return (self.wq(x).view(batch, seq_len, self.n_heads, self.head_dim),
-                self.wk(x).view(batch, seq_len, self.n_kv_heads, self.head_dim),
-                self.wv(x).view(batch, seq_len, self.n_kv_heads, self.head_dim))
-
     def forward(
         self,
         x: torch.Tensor,
@@ -139,7 +100,9 @@ class Attention(nn.Module):
         values are stored and the attended ones come from the cache (see cache.py).
         """
         batch, seq_len, _ = x.shape
-        q, k, v = self._qkv(x)                                                                # (B, T, heads, D)
+        q = self.wq(x).view(batch, seq_len, self.n_heads, self.head_dim)                      # (B, T, H, D)
+        k = self.wk(x).view(batch, seq_len, self.n_kv_heads, self.head_dim)                   # (B, T, Hkv, D)
+        v = self.wv(x).view(batch, seq_len, self.n_kv_heads, self.head_dim)                   # (B, T, Hkv, D)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)                     # (B, heads, T, D)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
@@ -156,4 +119,4 @@ class Attention(nn.Module):
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal and mask is None,
                                                  enable_gqa=self.n_rep > 1)                   # (B, H, T, D)
         out = out.transpose(1, 2).reshape(batch, seq_len, self.n_heads * self.head_dim)       # (B, T, H*D)
-        return linear(out, self.wo.weight, self.packed_wo)                                    # (B, T, dim)
+        return self.wo(out)                                                                   # (B, T, dim)

@@ -1,22 +1,32 @@
 """Weight loading: from a transformers model instance, a transformers checkpoint directory, a mistral reference folder
-(params.json + consolidated.safetensors) or a GGUF file.
+(params.json + consolidated.safetensors or .pth) or a GGUF file, streamed tensor by tensor.
 
-Every path ends in `load_state_dict_strict`, which names a missing key, an unexpected key or a shape mismatch.
+Every path goes through `_assemble`: it maps each tensor of the file to the model's name (checkpoint.py reads the
+headers), checks names and shapes before reading any data (a missing, unexpected or mis-shaped tensor is a
+CheckpointError naming the file, the key and both shapes: nothing is ever initialised at random), then reads one
+tensor at a time into a model built on the `meta` device. Memory: a tensor in the checkpoint's dtype stays backed by
+the memory-mapped file (zero-copy, as transformers does); any other is read, converted and placed (or packed, see
+packed.py) before the next is read. So the peak is about the model's own bytes.
 """
 
 from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
+from tqdm.auto import tqdm
 
+from .checkpoint import TensorSource, open_gguf
 from .config import ModelConfig
 from .errors import CheckpointError
 from .model import Transformer
+from .packed import can_pack, decode_groups, pack_group
 from .rope import half_to_interleaved, interleaved_to_half
 
 # transformers name (after `model.`) -> our name. {i} is the layer index.
@@ -40,49 +50,93 @@ _HF_PATTERNS = [(re.compile("^" + re.escape(k).replace(r"\{i\}", r"(\d+)") + "$"
 _DISK_EXPERT = re.compile(r"^layers\.(\d+)\.block_sparse_moe\.experts\.(\d+)\.(w[123])\.weight$")
 _FUSED_EXPERT = re.compile(r"^layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)$")
 _REF_EXPERT = re.compile(r"^layers\.(\d+)\.feed_forward\.experts\.(\d+)\.(w[123])\.weight$")
+# GGUF (llama.cpp) name -> ours; q/k rows are in llama.cpp's interleaved order, like the reference's
+_GGUF_GLOBAL = {"token_embd.weight": "tok_embeddings.weight", "output_norm.weight": "norm.weight",
+                "output.weight": "output.weight"}
+_GGUF_BLOCK = {      # blk.N.<name> -> layers.N.<ours>
+    "attn_norm.weight": "attention_norm.weight", "ffn_norm.weight": "ffn_norm.weight",
+    "attn_q.weight": "attention.wq.weight", "attn_k.weight": "attention.wk.weight",
+    "attn_v.weight": "attention.wv.weight", "attn_output.weight": "attention.wo.weight",
+    "ffn_gate.weight": "feed_forward.w1.weight", "ffn_up.weight": "feed_forward.w3.weight",
+    "ffn_down.weight": "feed_forward.w2.weight", "ffn_gate_inp.weight": "feed_forward.gate.weight",
+    "ffn_gate_exps.weight": "feed_forward.w1", "ffn_up_exps.weight": "feed_forward.w3",
+    "ffn_down_exps.weight": "feed_forward.w2",
+}
+_IGNORED = re.compile(r"rotary_emb\.inv_freq$")     # a buffer derived from rope_theta, kept by some old checkpoints
 
 
-def _stack_experts(per_expert: dict[tuple[int, str], dict[int, torch.Tensor]], n_experts: int, source: str
-                   ) -> dict[str, torch.Tensor]:
-    """{(layer, 'w1'): {expert: (I, H)}} -> {'layers.N.feed_forward.w1': (E, I, H)}."""
-    out = {}
-    for (layer, name), experts in per_expert.items():
-        missing = sorted(set(range(n_experts)) - set(experts))
-        if missing:
-            raise CheckpointError(f"{source}: layer {layer} lacks {name} of experts {missing} (expected {n_experts})")
-        out[f"layers.{layer}.feed_forward.{name}"] = torch.stack([experts[e] for e in range(n_experts)])
-    return out
+@dataclass(frozen=True)
+class Target:
+    """Where one checkpoint tensor goes: our state-dict key, the expert slot of a stacked (E, ...) tensor, and a
+    transform to apply first (un-permuting q/k rows, splitting transformers' fused gate_up)."""
+
+    key: str
+    expert: int | None = None
+    transform: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+
+def targets(name: str, fmt: str, config: ModelConfig) -> list[Target]:
+    """The places in our model of tensor `name` of a checkpoint in format 'hf', 'reference' or 'gguf' ([] if none)."""
+    unpermute_q = lambda t: interleaved_to_half(t, config.n_heads)         # noqa: E731
+    unpermute_k = lambda t: interleaved_to_half(t, config.n_kv_heads)      # noqa: E731
+    if fmt == "hf":
+        if name == "lm_head.weight":
+            return [Target("output.weight")]
+        short = name[len("model."):] if name.startswith("model.") else name
+        if m := _DISK_EXPERT.match(short):
+            return [Target(f"layers.{m[1]}.feed_forward.{m[3]}", int(m[2]))]
+        if m := _FUSED_EXPERT.match(short):                                # in memory: gate_up (E, 2I, H), down
+            if m[2] == "down_proj":
+                return [Target(f"layers.{m[1]}.feed_forward.w2")]
+            return [Target(f"layers.{m[1]}.feed_forward.w1", None, lambda t: t.chunk(2, dim=1)[0]),
+                    Target(f"layers.{m[1]}.feed_forward.w3", None, lambda t: t.chunk(2, dim=1)[1])]
+        for pattern, target in _HF_PATTERNS:
+            if m := pattern.match(short):
+                return [Target(target.replace("{i}", m[1]) if m.groups() else target)]
+        return []
+    if fmt == "reference":
+        if m := _REF_EXPERT.match(name):
+            return [Target(f"layers.{m[1]}.feed_forward.{m[3]}", int(m[2]))]
+        if name.endswith("attention.wq.weight"):
+            return [Target(name, None, unpermute_q)]
+        if name.endswith("attention.wk.weight"):
+            return [Target(name, None, unpermute_k)]
+        return [Target(name)]
+    if fmt == "gguf":
+        if name in _GGUF_GLOBAL:
+            return [Target(_GGUF_GLOBAL[name])]
+        m = re.match(r"^blk\.(\d+)\.(.+)$", name)
+        if m is None or m[2] not in _GGUF_BLOCK:
+            return []
+        transform = {"attn_q.weight": unpermute_q, "attn_k.weight": unpermute_k}.get(m[2])
+        return [Target(f"layers.{m[1]}.{_GGUF_BLOCK[m[2]]}", None, transform)]
+    raise ValueError(f"unknown checkpoint format {fmt!r}")
+
+
+def _rename(state_dict: Mapping[str, torch.Tensor], fmt: str, config: ModelConfig) -> dict[str, torch.Tensor]:
+    """A whole in-memory state dict renamed to ours (experts stacked); unknown keys are kept, to be reported."""
+    ours: dict[str, torch.Tensor] = {}
+    experts: dict[str, dict[int, torch.Tensor]] = {}
+    for name, tensor in state_dict.items():
+        places = targets(name, fmt, config) or [Target(name)]
+        for t in places:
+            value = t.transform(tensor) if t.transform else tensor
+            if t.expert is None:
+                ours[t.key] = value
+            else:
+                experts.setdefault(t.key, {})[t.expert] = value
+    for key, by_expert in experts.items():
+        missing = sorted(set(range(config.n_experts)) - set(by_expert))
+        if missing or len(by_expert) != config.n_experts:
+            raise CheckpointError(f"{key}: the checkpoint has experts {sorted(by_expert)}, the model needs "
+                                  f"0..{config.n_experts - 1}")
+        ours[key] = torch.stack([by_expert[e] for e in range(config.n_experts)])
+    return ours
 
 
 def hf_to_ours(state_dict: Mapping[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
     """Rename a transformers state dict (in memory or on disk) to ours. Unknown keys are kept, to be reported."""
-    ours: dict[str, torch.Tensor] = {}
-    experts: dict[tuple[int, str], dict[int, torch.Tensor]] = {}
-    for key, tensor in state_dict.items():
-        if key == "lm_head.weight":
-            ours["output.weight"] = tensor
-            continue
-        short = key[len("model."):] if key.startswith("model.") else key
-        if m := _DISK_EXPERT.match(short):
-            experts.setdefault((int(m[1]), m[3]), {})[int(m[2])] = tensor
-            continue
-        if m := _FUSED_EXPERT.match(short):
-            layer = int(m[1])
-            if m[2] == "gate_up_proj":                                    # (E, 2I, H): gate rows, then up rows
-                gate, up = tensor.chunk(2, dim=1)
-                ours[f"layers.{layer}.feed_forward.w1"] = gate
-                ours[f"layers.{layer}.feed_forward.w3"] = up
-            else:                                                         # (E, H, I)
-                ours[f"layers.{layer}.feed_forward.w2"] = tensor
-            continue
-        for pattern, target in _HF_PATTERNS:
-            if m := pattern.match(short):
-                ours[target.replace("{i}", m[1]) if m.groups() else target] = tensor
-                break
-        else:
-            ours[key] = tensor
-    ours.update(_stack_experts(experts, config.n_experts, "transformers checkpoint"))
-    return ours
+    return _rename(state_dict, "hf", config)
 
 
 def ours_to_hf_disk(state_dict: Mapping[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
@@ -109,19 +163,7 @@ def ours_to_hf_disk(state_dict: Mapping[str, torch.Tensor], config: ModelConfig)
 
 def reference_to_ours(state_dict: Mapping[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
     """A mistral reference state dict (interleaved q/k rows, experts one by one) -> ours."""
-    ours: dict[str, torch.Tensor] = {}
-    experts: dict[tuple[int, str], dict[int, torch.Tensor]] = {}
-    for key, tensor in state_dict.items():
-        if m := _REF_EXPERT.match(key):
-            experts.setdefault((int(m[1]), m[3]), {})[int(m[2])] = tensor
-        elif key.endswith("attention.wq.weight"):
-            ours[key] = interleaved_to_half(tensor, config.n_heads)
-        elif key.endswith("attention.wk.weight"):
-            ours[key] = interleaved_to_half(tensor, config.n_kv_heads)
-        else:
-            ours[key] = tensor
-    ours.update(_stack_experts(experts, config.n_experts, "reference checkpoint"))
-    return ours
+    return _rename(state_dict, "reference", config)
 
 
 def ours_to_reference(state_dict: Mapping[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
@@ -177,70 +219,251 @@ def _empty_model(config: ModelConfig, dtype: torch.dtype, device: str | torch.de
     return model
 
 
-def from_hf(hf_model: Any) -> Transformer:
-    """Our Transformer holding the weights of a transformers Mistral/Mixtral/Llama *ForCausalLM instance."""
+# ---------------------------------------------------------------------------------------------------------------------
+def _plan(source: TensorSource, fmt: str, config: ModelConfig, expected: dict[str, tuple[int, ...]]
+          ) -> dict[str, list[Target]]:
+    """Map every tensor of `source` to the model, and check the whole map before any data is read.
+
+    Raises one CheckpointError listing every tensor the model needs and the file lacks, every tensor of the file the
+    model has no place for, and every shape that differs (file, key, expected and actual shape).
+    """
+    plan: dict[str, list[Target]] = {}
+    unexpected, problems = [], []
+    covered: dict[str, set[int] | None] = {}
+    for name, info in source.infos.items():
+        places = targets(name, fmt, config)
+        if not places and _IGNORED.search(name):
+            continue
+        if config.tie_embeddings and [t.key for t in places] == ["output.weight"]:
+            continue                                      # a tied head stored anyway: the embedding is the head
+        if not places or any(t.key not in expected or (t.expert is not None and not 0 <= t.expert < config.n_experts)
+                             for t in places):
+            unexpected.append(name)
+            continue
+        if isinstance(info.dtype, torch.dtype) and not info.dtype.is_floating_point:
+            problems.append(f"{info.file}: {name} holds {info.dtype}, not floating-point weights")
+        for t in places:
+            want = expected[t.key][1:] if t.expert is not None else expected[t.key]
+            try:
+                got = tuple(t.transform(torch.empty(info.shape, device="meta")).shape) if t.transform else info.shape
+            except RuntimeError:
+                got = None
+            if got != want:
+                slot = "" if t.expert is None else f"[expert {t.expert}]"
+                problems.append(f"{info.file}: {name} has shape {info.shape}; the model's {t.key}{slot} "
+                                f"expects {want}")
+            if t.expert is None:
+                if t.key in covered:
+                    problems.append(f"{t.key} is given twice (again by {name})")
+                covered[t.key] = None
+            else:
+                covered.setdefault(t.key, set()).add(t.expert)
+        plan[name] = places
+    missing = [k for k in expected if k not in covered]
+    missing += [f"{k} (experts {sorted(set(range(config.n_experts)) - got)})" for k, got in covered.items()
+                if got is not None and len(got) < config.n_experts]
+    if missing:
+        problems.insert(0, f"missing tensors the model needs ({len(missing)}): {missing[:8]}"
+                           f"{' ...' if len(missing) > 8 else ''}")
+    if unexpected:
+        problems.insert(0, f"unexpected tensors, for which the model has no place ({len(unexpected)}): {sorted(unexpected)[:8]}"
+                           f"{' ...' if len(unexpected) > 8 else ''}")
+    if problems:
+        raise CheckpointError(f"{source.description} does not fit the model ({config}):\n  " + "\n  ".join(problems))
+    return plan
+
+
+def _assemble(source: TensorSource, fmt: str, config: ModelConfig, dtype: torch.dtype, device: str | torch.device,
+              fast: bool) -> Transformer:
+    """Build the model on `meta`, then read the checkpoint into it one tensor at a time (see the module docstring).
+
+    fast: pack each group of matrices (packed.py) as soon as all of its tensors are in, so the plain copies never
+    pile up; the model's other parameters are then frozen, as pack_for_decode leaves them.
+    """
+    with torch.device("meta"):
+        model = Transformer(config)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    if config.tie_embeddings:
+        expected.pop("output.weight")
+    plan = _plan(source, fmt, config, expected)
+
+    device = torch.device(device)
+    packing = fast and can_pack(dtype, device)
+    module_names = {id(m): n for n, m in model.named_modules()}
+    groups = {}                                           # our key -> (module, names, keys) of its packed group
+    if packing:
+        for module, names in decode_groups(model):
+            keys = [".".join(filter(None, [module_names[id(module)], n, "weight"])) for n in names]
+            groups.update({k: (module, names, keys) for k in keys if k in expected})
+    done: set[str] = set()
+    slots: dict[str, set[int]] = {}
+    waiting: dict[str, list[tuple[str, torch.Tensor]]] = {}   # file tensors a group holds until it is packed
+    biggest_first = {"tok_embeddings.weight": 0, "output.weight": 0}  # the largest transient first, then file order
+    order = sorted(plan, key=lambda n: (biggest_first.get(plan[n][0].key, 1), str(source.infos[n].file),
+                                        source.infos[n].offset))
+    with torch.inference_mode(False), torch.no_grad():           # ordinary tensors, even when called in inference mode
+        for name in tqdm(order, desc="loading", unit="tensor", disable=None, leave=False):
+            tensor = source.read(name)
+            in_use = False                                    # is the file's memory now a parameter's?
+            for t in plan[name]:
+                value = (t.transform(tensor) if t.transform else tensor).to(device=device, dtype=dtype)
+                aliased = t.expert is None and value.data_ptr() == tensor.data_ptr()
+                if aliased and t.key not in groups and not source.mapped:
+                    value, aliased = value.clone(), False     # never keep memory that is not ours (from_hf)
+                value = value.contiguous()
+                owner_name, _, param_name = t.key.rpartition(".")
+                owner = model.get_submodule(owner_name)
+                if t.expert is None:
+                    owner._parameters[param_name] = nn.Parameter(value, requires_grad=not packing)
+                    done.add(t.key)
+                else:
+                    param = owner._parameters[param_name]
+                    if param.is_meta:
+                        param = owner._parameters[param_name] = nn.Parameter(
+                            torch.empty(param.shape, dtype=dtype, device=device), requires_grad=not packing)
+                    param[t.expert].copy_(value)
+                    slots.setdefault(t.key, set()).add(t.expert)
+                    if len(slots[t.key]) == config.n_experts:
+                        done.add(t.key)
+                in_use |= aliased
+                if t.key in groups:                           # a matrix to pack, once its whole group is in
+                    module, names, keys = groups[t.key]
+                    if aliased:                               # its file pages go back after the packing
+                        waiting.setdefault(keys[0], []).append((name, tensor))
+                    if all(k in done for k in keys):
+                        pack_group(module, names)
+                        for held_name, held in waiting.pop(keys[0], []):
+                            source.release(held_name, held)
+            if not in_use:
+                source.release(name, tensor)
+            del tensor
+    if config.tie_embeddings:
+        model.output.weight = model.tok_embeddings.weight
+        if packing:
+            pack_group(model, ("output",), tied_to=model.tok_embeddings.weight)
+    still_empty = [n for n, p in model.named_parameters() if p.is_meta]
+    if still_empty:                                       # _plan makes this impossible; never hand out garbage
+        raise CheckpointError(f"{source.description}: no data for {still_empty[:8]}")
+    return model.eval()
+
+
+def from_hf(hf_model: Any, fast: bool = False) -> Transformer:
+    """Our Transformer holding a copy of the weights of a transformers Mistral/Mixtral/Llama *ForCausalLM instance.
+
+    fast=True lays it out for fast CPU decoding at once (packed.py); `generate` does that anyway by default.
+    """
     if not hasattr(hf_model, "config") or not hasattr(hf_model, "state_dict"):
         raise TypeError(f"from_hf takes a transformers *ForCausalLM instance, got {type(hf_model).__name__}")
     config = ModelConfig.from_hf(hf_model.config)
     param = next(hf_model.parameters())
-    model = _empty_model(config, param.dtype, param.device)
-    load_state_dict_strict(model, hf_to_ours(hf_model.state_dict(), config), f"transformers {type(hf_model).__name__}")
-    return model.eval()
+    source = TensorSource.from_mapping(hf_model.state_dict(), f"transformers {type(hf_model).__name__}")
+    return _assemble(source, "hf", config, param.dtype, param.device, fast)
 
 
-def _read_safetensors(files: list[Path]) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    tensors: dict[str, torch.Tensor] = {}
-    for f in files:
-        tensors.update(load_file(str(f)))
-    return tensors
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{path}: not valid JSON ({err})") from None
 
 
-def load_pretrained(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-                    **overrides: Any) -> Transformer:
-    """Detect the checkpoint format at `path` and load it. `overrides` change config fields (e.g. sliding_window)."""
+def _safetensors_files(folder: Path) -> list[Path]:
+    """The shards of a transformers folder: those its model.safetensors.index.json names, else every *.safetensors."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = _read_json(index).get("weight_map") if isinstance(_read_json(index), dict) else None
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index}: has no weight_map")
+        files = [folder / f for f in sorted(set(weight_map.values()))]
+        absent = [f.name for f in files if not f.is_file()]
+        if absent:
+            raise CheckpointError(f"{index} names shards that are not there: {absent}")
+        return files
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{folder} has config.json but no *.safetensors weights")
+    return files
+
+
+def _gguf_config(metadata: dict[str, Any], source: TensorSource, path: Path) -> ModelConfig:
+    """ModelConfig from a GGUF file's `llama.*` metadata (llama.cpp writes Llama, Mistral and Mixtral as 'llama')."""
+    arch = metadata.get("general.architecture")
+    if arch != "llama":
+        raise CheckpointError(f"{path}: GGUF architecture {arch!r} is not supported (expected 'llama': Llama, Mistral "
+                              f"and Mixtral as llama.cpp's converter writes them)")
+
+    def field(name: str, default: Any = None) -> Any:
+        value = metadata.get(f"llama.{name}", default)
+        if value is None:
+            raise CheckpointError(f"{path}: GGUF metadata lacks llama.{name}")
+        return value
+
+    scaling = metadata.get("llama.rope.scaling.type")
+    if scaling not in (None, "none"):
+        raise CheckpointError(f"{path}: GGUF field llama.rope.scaling.type = {scaling!r} is not implemented")
+    n_heads, dim = field("attention.head_count"), field("embedding_length")
+    head_dim = metadata.get("llama.attention.key_length") or (dim // n_heads if isinstance(dim, int) else None)
+    rotary = metadata.get("llama.rope.dimension_count", head_dim)
+    if rotary != head_dim:
+        raise CheckpointError(f"{path}: GGUF field llama.rope.dimension_count = {rotary} (partial rotary) is not "
+                              f"implemented; head_dim is {head_dim}")
+    embedding = source.infos.get("token_embd.weight")
+    try:
+        return ModelConfig(
+            vocab_size=metadata.get("llama.vocab_size") or (embedding.shape[0] if embedding else 0),
+            dim=dim, n_layers=field("block_count"), n_heads=n_heads,
+            n_kv_heads=field("attention.head_count_kv", n_heads), head_dim=head_dim,
+            hidden_dim=field("feed_forward_length"), norm_eps=float(field("attention.layer_norm_rms_epsilon")),
+            rope_theta=float(field("rope.freq_base", 10000.0)), sliding_window=None,
+            max_position_embeddings=field("context_length"), n_experts=field("expert_count", 0),
+            experts_per_token=field("expert_used_count", 2), tie_embeddings="output.weight" not in source.infos)
+    except (ValueError, TypeError) as err:
+        raise CheckpointError(f"{path}: GGUF metadata does not describe a model this library builds: {err}") from None
+
+
+def _checkpoint_dtype(source: TensorSource) -> torch.dtype:
+    """The dtype most of the checkpoint's bytes are in (fp32 for GGUF, which is dequantized)."""
+    counts: dict[torch.dtype, int] = {}
+    for info in source.infos.values():
+        dtype = info.dtype if isinstance(info.dtype, torch.dtype) else torch.float32
+        counts[dtype] = counts.get(dtype, 0) + int(torch.Size(info.shape).numel())
+    return max(counts, key=counts.get) if counts else torch.float32
+
+
+def load_pretrained(path: str | Path, dtype: torch.dtype | str = torch.float32, device: str | torch.device = "cpu",
+                    fast: bool = True, **overrides: Any) -> Transformer:
+    """Detect the checkpoint format at `path` and stream it into a model (see the module docstring).
+
+    dtype: the model's dtype, or "auto" for the checkpoint's own. fast: lay the weights out for fast CPU decoding
+    (packed.py; no effect on a GPU); fast=False keeps plain nn.Linear weights, as training needs. `overrides`
+    change config fields (e.g. sliding_window=32) before the weights are loaded.
+    """
     path = Path(path).expanduser()
     if not path.exists():
         raise FileNotFoundError(f"no checkpoint at {path}")
     if path.is_file() and path.suffix == ".gguf":
-        return _load_gguf(path, dtype, device, **overrides)
-    if path.is_dir() and (path / "config.json").is_file():
-        config = ModelConfig.from_hf(json.loads((path / "config.json").read_text())).replace(**overrides)
-        files = sorted(path.glob("*.safetensors"))
-        if not files:
-            raise CheckpointError(f"{path} has config.json but no *.safetensors weights")
-        model = _empty_model(config, dtype, device)
-        load_state_dict_strict(model, hf_to_ours(_read_safetensors(files), config), f"transformers checkpoint {path}")
-        return model.eval()
-    if path.is_dir() and (path / "params.json").is_file():
-        config = ModelConfig.from_params(path / "params.json").replace(**overrides)
-        files = sorted(path.glob("consolidated*.safetensors"))
-        if files:
-            tensors = _read_safetensors(files)
-        elif pth := sorted(path.glob("consolidated*.pth")):
-            tensors = {}
-            for f in pth:
-                tensors.update(torch.load(f, map_location="cpu", weights_only=True, mmap=True))
+        metadata, source = open_gguf(path)
+        config, fmt = _gguf_config(metadata, source, path), "gguf"
+    elif path.is_dir() and (path / "config.json").is_file():
+        config = ModelConfig.from_hf(_read_json(path / "config.json"))
+        source = TensorSource.from_safetensors(_safetensors_files(path), f"transformers checkpoint {path}")
+        fmt = "hf"
+    elif path.is_dir() and (path / "params.json").is_file():
+        config = ModelConfig.from_params(_read_json(path / "params.json"))
+        if files := sorted(path.glob("consolidated*.safetensors")):
+            source = TensorSource.from_safetensors(files, f"reference checkpoint {path}")
+        elif files := sorted(path.glob("consolidated*.pth")):
+            source = TensorSource.from_torch(files, f"reference checkpoint {path}")
         else:
             raise CheckpointError(f"{path} has params.json but no consolidated.safetensors (or consolidated.00.pth)")
-        model = _empty_model(config, dtype, device)
-        load_state_dict_strict(model, reference_to_ours(tensors, config), f"reference checkpoint {path}")
-        return model.eval()
-    raise CheckpointError(
-        f"unknown checkpoint format at {path}: expected a .gguf file, a transformers directory (config.json + "
-        f"*.safetensors) or a mistral reference folder (params.json + consolidated.safetensors)")
-
-
-def _load_gguf(path: Path, dtype: torch.dtype, device: str | torch.device, **overrides: Any) -> Transformer:
-    """GGUF through transformers' reader (it dequantizes and undoes llama.cpp's q/k permutation)."""
-    import transformers
-
-    hf_model = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
-    config = ModelConfig.from_hf(hf_model.config).replace(**overrides)
-    model = _empty_model(config, dtype, device)
-    load_state_dict_strict(model, hf_to_ours(hf_model.state_dict(), config), f"GGUF file {path}")
-    return model.eval()
+        fmt = "reference"
+    else:
+        raise CheckpointError(
+            f"unknown checkpoint format at {path}: expected a .gguf file, a transformers directory (config.json + "
+            f"*.safetensors) or a mistral reference folder (params.json + consolidated.safetensors)")
+    if dtype == "auto":
+        dtype = _checkpoint_dtype(source)
+    return _assemble(source, fmt, config.replace(**overrides), dtype, device, fast)
 
 
 def to_hf(model: Transformer, model_type: str | None = None) -> Any:

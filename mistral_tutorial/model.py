@@ -18,7 +18,7 @@ from .cache import KVCache
 from .config import ModelConfig
 from .embedding import RMSNorm, TokenEmbedding
 from .feedforward import FeedForward
-from .packed import PackedWeight, can_pack, linear
+from .packed import PackedLinear, pack_for_decode
 from .rope import RotaryEmbedding
 
 
@@ -63,7 +63,6 @@ class Transformer(nn.Module):
         if config.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
         self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling)
-        self.packed_output: PackedWeight | None = None   # set by optimize_for_decode(pack=True)
 
     # -----------------------------------------------------------------------------------------------------------------
     @property
@@ -77,43 +76,28 @@ class Transformer(nn.Module):
     def num_parameters(self, active: bool = False) -> int:
         """Parameter count (tied weights once). active=True counts only k of the E experts of each MoE layer."""
         total = sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())
+        total += sum(m.in_features * m.out_features for m in self.modules()             # the packed layout's
+                     if isinstance(m, PackedLinear) and m.matrix.tied_to is None)      # matrices (packed.py)
         if active and self.config.is_moe:
             c = self.config
             expert_params = 3 * c.dim * c.hidden_dim
             total -= c.n_layers * (c.n_experts - c.experts_per_token) * expert_params
         return total
 
-    def optimize_for_decode(self, pack: bool = True) -> Transformer:
-        """Lay the weights out for fast token-by-token decoding, in place; returns self.
+    def optimize_for_decode(self) -> Transformer:
+        """Swap in the fast decode layout, in place (see packed.py); returns self. `mt.unpack(model)` undoes it.
 
-        1. Every projection matrix W (out, in) becomes a transposed view of a contiguous (in, out) tensor, and wq/wk/wv
-           (and w1/w3) become column blocks of one such tensor, so each group runs as one matrix product. Values,
-           shapes and state-dict keys stay the same and no memory is added.
-        2. pack=True (on a CPU with oneDNN): each of those matrices also gets a oneDNN-packed copy (packed.py), which
-           a matrix-vector product streams at close to the memory bandwidth. This doubles the weights' memory.
-        Decoding one token is bound by reading the weights, so generation speeds up by about as much as the reading
-        does (benchmarks/). Not needed on a GPU. Training, gradients and changed weights fall back to the plain path.
-        Tensors saved with safetensors must be contiguous: `.contiguous()` the state-dict entries before saving.
+        On a CPU (fp32 or bf16), every projection matrix is replaced by a oneDNN-packed one that a one-token
+        matrix-vector product reads at close to the memory bandwidth, wq/wk/wv and w1/w3 fused into one matrix each.
+        No extra memory (a tied head gets its own packed copy of the embedding). On a GPU it does nothing.
+        `from_pretrained` and `generate` do this by default.
         """
-        with torch.no_grad():
-            for layer in self.layers:
-                layer.attention.fuse_projections()
-                if isinstance(layer.feed_forward, FeedForward):
-                    layer.feed_forward.fuse_projections()
-            for module in self.modules():
-                if isinstance(module, nn.Linear) and module.weight.is_contiguous():
-                    module.weight.data = module.weight.data.t().contiguous().t()
-                elif hasattr(module, "w1") and isinstance(module.w1, nn.Parameter):   # stacked experts
-                    for name in ("w1", "w2", "w3"):
-                        weight = getattr(module, name)
-                        weight.data = weight.data.transpose(1, 2).contiguous().transpose(1, 2)
-            if pack and can_pack(self.output.weight):
-                for layer in self.layers:
-                    layer.attention.pack()
-                    if isinstance(layer.feed_forward, FeedForward):
-                        layer.feed_forward.pack()
-                self.packed_output = PackedWeight(self.output.weight, guard=self.output.weight)
-        return self
+        return pack_for_decode(self)
+
+    def _apply(self, fn, recurse=True):   # .to(), .float(), .cuda(): refused up front for a packed model, not halfway
+        if recurse and any(isinstance(m, PackedLinear) for m in self.modules()):
+            return next(m for m in self.modules() if isinstance(m, PackedLinear))._apply(fn)
+        return super()._apply(fn, recurse)
 
     def router_logits(self) -> list[torch.Tensor]:
         """Per-layer router logits (N, E), N = B*T, of the last forward; MoE models only (see moe.py)."""
@@ -177,7 +161,7 @@ class Transformer(nn.Module):
             cache.commit()
         if last_only:
             x = x[:, -1:]
-        logits = linear(self.norm(x), self.output.weight, self.packed_output)               # (B, T, vocab)
+        logits = self.output(self.norm(x))                                                  # (B, T, vocab)
         return (logits, hidden) if return_hidden_states else logits
 
     def _check_tokens(self, tokens: torch.Tensor, cache: KVCache | None) -> None:
@@ -203,19 +187,24 @@ class Transformer(nn.Module):
 
     # -----------------------------------------------------------------------------------------------------------------
     @classmethod
-    def from_hf(cls, hf_model: nn.Module) -> Transformer:
-        """Build from a transformers Mistral/Mixtral/Llama *ForCausalLM instance, copying its weights."""
+    def from_hf(cls, hf_model: nn.Module, fast: bool = False) -> Transformer:
+        """Build from a transformers Mistral/Mixtral/Llama *ForCausalLM instance, copying its weights.
+
+        fast=True lays the copy out for fast CPU decoding at once (packed.py); `generate` does so anyway by default.
+        """
         from .loading import from_hf
 
-        return from_hf(hf_model)
+        return from_hf(hf_model, fast=fast)
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu",
-                        **overrides: Any) -> Transformer:
-        """Load a transformers checkpoint dir, a mistral reference folder or a .gguf file.
+    def from_pretrained(cls, path: str | Path, dtype: torch.dtype | str = torch.float32, device: str = "cpu",
+                        fast: bool = True, **overrides: Any) -> Transformer:
+        """Stream a transformers checkpoint dir, a mistral reference folder or a .gguf file into a model.
 
-        `overrides` change config fields (e.g. sliding_window=32) before the weights are loaded.
+        dtype: the model's, or "auto" for the checkpoint's own. fast (default): the fast decode layout on a CPU
+        (packed.py: no gradients; fast=False for plain, trainable weights). `overrides` change config fields (e.g.
+        sliding_window=32) before the weights are loaded.
         """
         from .loading import load_pretrained
 
-        return load_pretrained(path, dtype=dtype, device=device, **overrides)
+        return load_pretrained(path, dtype=dtype, device=device, fast=fast, **overrides)

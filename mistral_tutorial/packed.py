@@ -1,44 +1,225 @@
-"""oneDNN-packed weights for fast CPU decoding (used by `Transformer.optimize_for_decode`).
+"""The fast decode layout: oneDNN-packed projection matrices that *replace* the plain weights on a CPU.
 
-Decoding one token multiplies a vector by every weight matrix, so its speed is the speed at which the CPU streams the
-weights. oneDNN reads a weight it has re-laid out ("packed") for its own kernel at close to the memory bandwidth
-(about 31 GB/s on this project's 2-core machines, against 16 GB/s for `F.linear` on the row-major matrix; see
-benchmarks/). The packed copy costs as much memory again as the weights it packs. It is used only where it is exact
-to use it: no gradients wanted, a CPU input of its dtype, and the parameter it was made from unchanged since (same
-storage, no in-place update). Anything else takes the plain `F.linear`.
+Decoding one token multiplies one vector by every weight matrix, so its speed is the speed at which the CPU reads the
+weights. oneDNN reads a matrix it has re-laid out ("packed") for its own kernel at close to the memory bandwidth
+(about 31 GB/s on this project's 2-core machines, against 16 GB/s for `F.linear` on a row-major matrix; benchmarks/).
+
+`pack_for_decode(model)` swaps each `nn.Linear` of a Transformer for a `PackedLinear` that holds the packed matrix
+instead of the plain one, so the weights cost no extra memory. wq/wk/wv, and w1/w3, share one packed matrix each:
+one product instead of three (or two). What stays as it was:
+- the outputs, to fp32 round-off (oneDNN sums in another order);
+- `state_dict()` keys and values (unpacked on save) and `load_state_dict` (repacked);
+- `module.weight`, for reading: an unpacked copy, which refuses to be written to (the model would not see it).
+What changes: the packed matrices are not Parameters and have no gradients. Training needs the plain layout back:
+`unpack(model)`. `model.train()`, or a forward that needs gradients, says so. Other parameters (embedding, norms,
+stacked experts) stay plain, and are frozen (requires_grad=False) while the model is packed.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
+from torch import nn
+
+UNPACK_HINT = ("the model is in the fast decode layout (oneDNN-packed weights, no gradients): call "
+               "`mistral_tutorial.unpack(model)` first, or load with `fast=False`")
 
 
-def can_pack(weight: torch.Tensor) -> bool:
-    """oneDNN packing exists for fp32/bf16 CPU tensors in builds with mkldnn."""
-    return (weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.bfloat16)
+def can_pack(dtype: torch.dtype, device: torch.device | str) -> bool:
+    """oneDNN packing exists for fp32 and bf16 CPU tensors, in builds with mkldnn."""
+    return (torch.device(device).type == "cpu" and dtype in (torch.float32, torch.bfloat16)
             and torch.backends.mkldnn.is_available())
 
 
-class PackedWeight:
-    """A packed copy of `weight` (out, in), guarded by the parameter `guard` it was made from."""
-
-    def __init__(self, weight: torch.Tensor, guard: torch.Tensor) -> None:
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 1)   # layout for batch-1 products
-        self.dtype = weight.dtype
-        self.guard_ptr, self.guard_version = guard.data_ptr(), guard._version
-
-    def usable(self, x: torch.Tensor, guard: torch.Tensor) -> bool:
-        return (not torch.is_grad_enabled() and x.device.type == "cpu" and x.dtype == self.dtype
-                and guard.data_ptr() == self.guard_ptr and guard._version == self.guard_version)
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """x (..., in) -> x W^T (..., out)."""
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
+def _stamp(tensor: torch.Tensor) -> tuple[int, int]:
+    """(storage address, in-place version) of a tensor: changes when it is replaced or written to. Inference tensors
+    (made under torch.inference_mode) keep no version; they can only be written to inside inference mode."""
+    return tensor.data_ptr(), 0 if tensor.is_inference() else tensor._version
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, packed: PackedWeight | None) -> torch.Tensor:
-    """x W^T: through the packed copy when it is usable, else F.linear."""
-    if packed is not None and packed.usable(x, weight):
-        return packed(x)
-    return F.linear(x, weight)
+class PackedMatrix:
+    """One oneDNN-packed (out, in) matrix stacking the rows of one or more weights (e.g. wq, wk, wv).
+
+    `part(x, i)` returns x W_i^T. The parts of one input share one product: the first part asked for computes all of
+    them, and the others are handed out from it until each has been taken once (same input tensor object).
+    `tied_to`: a Parameter this matrix copies (the embedding, for a tied head); it is repacked whenever that
+    Parameter changes (new storage or an in-place update), so the copy is never stale.
+    """
+
+    def __init__(self, dense: torch.Tensor, sizes: list[int], tied_to: nn.Parameter | None = None) -> None:
+        self.sizes, self.tied_to = sizes, tied_to
+        self.shape, self.dtype = tuple(dense.shape), dense.dtype
+        self._pack(dense)
+        self._pending: tuple[torch.Tensor, list[torch.Tensor], set[int]] | None = None
+
+    def _pack(self, dense: torch.Tensor) -> None:
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(dense.detach().contiguous(), 1)   # for batch-1 products
+        if self.tied_to is not None:
+            self.source_stamp = _stamp(self.tied_to)
+
+    def dense(self) -> torch.Tensor:
+        """The plain (out, in) matrix, unpacked (a new tensor)."""
+        return self.packed.to_dense()
+
+    def set_rows(self, index: int, weight: torch.Tensor) -> None:
+        """Replace part `index` by `weight` (its rows) and pack again."""
+        dense = self.dense()
+        start = sum(self.sizes[:index])
+        dense[start:start + self.sizes[index]] = weight.to(dense.dtype)
+        self._pack(dense)
+        self._pending = None
+
+    def part(self, x: torch.Tensor, index: int) -> torch.Tensor:
+        """x (..., in) -> x W_index^T (..., out_index)."""
+        if self.tied_to is not None and self.source_stamp != _stamp(self.tied_to):
+            self._pack(self.tied_to)
+        if len(self.sizes) == 1:
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
+        pending = self._pending
+        if pending is None or pending[0] is not x or index in pending[2]:
+            product = torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")   # (..., out)
+            pending = (x, list(product.split(self.sizes, dim=-1)), set())
+        pending[2].add(index)
+        self._pending = None if len(pending[2]) == len(self.sizes) else pending
+        return pending[1][index]
+
+
+class ReadOnlyWeight(torch.Tensor):
+    """An unpacked copy of a packed weight, to read. Writing to it raises: the packed model would not see the change."""
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        in_place = (name.endswith("_") and not name.endswith("__")) or name in ("__setitem__", "__set__") or (
+            name.startswith("__i") and name.endswith("__") and name not in ("__index__", "__int__", "__invert__"))
+        if in_place:
+            raise RuntimeError(f"this weight is an unpacked copy: writing to it ({name}) would not change the model. "
+                               f"Use model.load_state_dict(...) (it repacks), or {UNPACK_HINT}")
+        if name == "clone":                       # an explicit copy is the caller's to change
+            with torch._C.DisableTorchFunctionSubclass():
+                return func(*args, **(kwargs or {}))
+        return super().__torch_function__(func, types, args, kwargs)   # views and results stay read-only
+
+
+class PackedLinear(nn.Module):
+    """Stands where an nn.Linear (no bias) stood: x (..., in) -> x W^T (..., out), W part `index` of a PackedMatrix."""
+
+    def __init__(self, matrix: PackedMatrix, index: int = 0) -> None:
+        super().__init__()
+        self.matrix, self.index = matrix, index
+        self.out_features, self.in_features = matrix.sizes[index], matrix.shape[1]
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """(out, in), unpacked: read-only (see ReadOnlyWeight)."""
+        start = sum(self.matrix.sizes[:self.index])
+        return self.matrix.dense()[start:start + self.out_features].as_subclass(ReadOnlyWeight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and x.requires_grad:
+            raise RuntimeError(f"gradients were asked for, but {UNPACK_HINT}")
+        return self.matrix.part(x, self.index)
+
+    def train(self, mode: bool = True) -> PackedLinear:
+        if mode:
+            raise RuntimeError(f"model.train(): {UNPACK_HINT}")
+        return super().train(False)
+
+    def _apply(self, fn, recurse=True):   # model.to(...), .cuda(), .half(): the packed layout is CPU-only
+        raise RuntimeError(f"cannot move or cast a packed model: {UNPACK_HINT}")
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        if self.matrix.tied_to is not None:
+            destination[prefix + "weight"] = self.matrix.tied_to if keep_vars else self.matrix.tied_to.detach()
+        else:
+            destination[prefix + "weight"] = self.weight.as_subclass(torch.Tensor)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        key = prefix + "weight"
+        for other in state_dict:
+            if other.startswith(prefix) and other != key and strict:
+                unexpected_keys.append(other)
+        if key not in state_dict:
+            if strict and self.matrix.tied_to is None:
+                missing_keys.append(key)
+            return
+        weight = state_dict[key]
+        expected = (self.out_features, self.in_features)
+        if tuple(weight.shape) != expected:
+            error_msgs.append(f"size mismatch for {key}: copying a param with shape {tuple(weight.shape)}, "
+                              f"the current model expects {expected}")
+        elif self.matrix.tied_to is not None:     # as for a plain tied model: the value goes into the shared embedding
+            with torch.no_grad():
+                self.matrix.tied_to.copy_(weight)                    # (repacked on next use: see PackedMatrix)
+        else:
+            self.matrix.set_rows(self.index, weight)
+
+    def extra_repr(self) -> str:
+        parts = "" if len(self.matrix.sizes) == 1 else f", part {self.index} of {len(self.matrix.sizes)}"
+        return f"in_features={self.in_features}, out_features={self.out_features}, packed{parts}"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+def decode_groups(model: nn.Module) -> list[tuple[nn.Module, tuple[str, ...]]]:
+    """The (module, names) groups that share one packed matrix: (attention, (wq, wk, wv)), (attention, (wo,)), ...
+
+    The head is last; with tied embeddings it is packed from the embedding (see PackedMatrix.tied_to).
+    """
+    groups: list[tuple[nn.Module, tuple[str, ...]]] = []
+    for layer in model.layers:
+        groups += [(layer.attention, ("wq", "wk", "wv")), (layer.attention, ("wo",))]
+        if hasattr(layer.feed_forward, "w1") and isinstance(layer.feed_forward.w1, nn.Module):   # dense SwiGLU
+            groups += [(layer.feed_forward, ("w1", "w3")), (layer.feed_forward, ("w2",))]
+        else:                                                                                  # MoE: the router
+            groups += [(layer.feed_forward, ("gate",))]
+    return groups + [(model, ("output",))]
+
+
+def pack_group(module: nn.Module, names: tuple[str, ...], tied_to: nn.Parameter | None = None) -> None:
+    """Replace the nn.Linear submodules `names` of `module` by PackedLinear parts of one packed matrix."""
+    linears = [getattr(module, name) for name in names]
+    if any(isinstance(linear, PackedLinear) for linear in linears):
+        return
+    with torch.no_grad():
+        dense = torch.cat([linear.weight for linear in linears]) if len(linears) > 1 else linears[0].weight
+        matrix = PackedMatrix(dense, [linear.out_features for linear in linears], tied_to)
+    del dense
+    for i, name in enumerate(names):
+        setattr(module, name, PackedLinear(matrix, i))
+
+
+def is_packed(model: nn.Module) -> bool:
+    return any(isinstance(m, PackedLinear) for m in model.modules())
+
+
+def pack_for_decode(model: nn.Module) -> nn.Module:
+    """Swap in the packed layout, in place (no-op where oneDNN cannot pack: a GPU, fp16); returns the model.
+
+    Peak memory: the model plus one group's matrix (e.g. one layer's w1 and w3).
+    """
+    if is_packed(model) or not can_pack(model.dtype, model.device):
+        return model
+    model.eval()
+    tied = model.output.weight is model.tok_embeddings.weight
+    for module, names in decode_groups(model):
+        pack_group(module, names, tied_to=model.tok_embeddings.weight if tied and names == ("output",) else None)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def unpack(model: nn.Module) -> nn.Module:
+    """The plain layout back (nn.Linear modules, gradients on), in place; returns the model."""
+    for module, names in decode_groups(model):
+        for name in names:
+            part = getattr(module, name)
+            if isinstance(part, PackedLinear):
+                linear = nn.Linear(part.in_features, part.out_features, bias=False, device="meta")
+                if part.matrix.tied_to is not None:
+                    linear.weight = part.matrix.tied_to
+                else:
+                    linear.weight = nn.Parameter(part.weight.as_subclass(torch.Tensor).clone())
+                setattr(module, name, linear)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model

@@ -22,6 +22,7 @@ PROMPTS = [
 ]
 NEW_TOKENS = 128
 TIE = 1e-4
+FAST_LAYOUT_RTOL = 2e-5     # the fast layout against transformers, relative to the largest |logit|
 
 
 @pytest.fixture(scope="module")
@@ -65,18 +66,24 @@ def assert_same_or_tie(hf, prompt_ids: torch.Tensor, ours: torch.Tensor, theirs:
 
 def test_loaded_weights_equal_transformers_logits(smollm):
     hf, tokenizer = smollm
-    ours = mt.Transformer.from_pretrained(default_model_path())
+    ours = mt.Transformer.from_pretrained(default_model_path(), fast=False)    # our GGUF reader, no transformers
     assert ours.config.n_heads == 9 and ours.config.n_kv_heads == 3 and ours.config.tie_embeddings
     ids = chat_ids(tokenizer, PROMPTS[0])
     with torch.inference_mode():
-        diff = (ours(ids) - hf(ids).logits).abs().max().item()
-    assert diff < 1e-4, diff
+        reference = hf(ids).logits
+        diff = (ours(ids) - reference).abs().max().item()
+        assert diff < 1e-4, diff
+        # the default, fast layout: oneDNN sums each product in another order, so fp32 round-off differs through the
+        # 30 layers (measured: 2e-4 on logits up to 31, i.e. 6e-6 relative); the tokens are held exact below
+        fast = mt.Transformer.from_pretrained(default_model_path())
+        diff = (fast(ids) - reference).abs().max().item()
+        assert diff < FAST_LAYOUT_RTOL * reference.abs().max().item(), diff
 
 
 @pytest.mark.parametrize("prompt", PROMPTS)
 def test_greedy_chat_token_identical(smollm, prompt):
     hf, tokenizer = smollm
-    ours = mt.Transformer.from_hf(hf).optimize_for_decode()
+    ours = mt.Transformer.from_pretrained(default_model_path())                # the default: the fast layout
     ids = chat_ids(tokenizer, prompt)
     mine = mt.generate(ours, ids, max_new_tokens=NEW_TOKENS)[0]
     assert mine.shape == (NEW_TOKENS,)

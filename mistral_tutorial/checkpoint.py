@@ -1,0 +1,202 @@
+"""Reading checkpoint files tensor by tensor, without loading them whole: safetensors, torch .pth, GGUF.
+
+Each reader lists its tensors (name, shape, dtype, file) from the file's header alone, so names and shapes can be
+checked before any data is read, and hands out one tensor at a time. safetensors and .pth are memory-mapped: `read`
+returns a tensor backed by the file itself (private copy-on-write pages, as transformers does), which the model keeps
+as it is where dtype and device allow; one it converts, packs or moves instead is `release`d, which hands its pages
+back, so the file's pages never pile up beside the model. A file that is truncated,
+corrupt or of the wrong kind raises one CheckpointError naming the file and what is wrong.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import mmap
+import struct
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .errors import CheckpointError
+
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                      "BOOL": torch.bool}
+
+
+def drop_pages(address: int, n_bytes: int) -> None:
+    """Give back to the kernel the whole pages of a memory-mapped file range we are done with (madvise DONTNEED).
+
+    Only for private, unwritten file mappings: their pages are read again from the file if ever touched, so this
+    changes no value, only the resident memory. Linux and glibc only; elsewhere it does nothing.
+    """
+    page = mmap.PAGESIZE
+    start, end = -(-address // page) * page, (address + n_bytes) // page * page
+    if end > start:
+        try:
+            ctypes.CDLL(None).madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), 4)   # MADV_DONTNEED
+        except (OSError, AttributeError):
+            pass
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """What a file's header says of one tensor: enough to plan the load without reading data."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype | str          # a torch dtype, or the name of a GGUF quantisation ("Q4_1")
+    file: Path
+    offset: int = 0                   # byte offset in the file, to read in file order
+
+
+class SafetensorsFile:
+    """One .safetensors file: an 8-byte header length, a JSON header, then the tensors' bytes."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        size = path.stat().st_size
+        with path.open("rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise CheckpointError(f"{path}: not a safetensors file (only {size} bytes)")
+            (header_len,) = struct.unpack("<Q", head)
+            if header_len > size - 8:
+                raise CheckpointError(f"{path}: truncated or not safetensors (header of {header_len} bytes, "
+                                      f"file of {size})")
+            try:
+                header = json.loads(f.read(header_len))
+            except (UnicodeDecodeError, json.JSONDecodeError) as err:
+                raise CheckpointError(f"{path}: corrupt safetensors header ({err})") from None
+        if not isinstance(header, dict):
+            raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
+        self.data_start, data_len = 8 + header_len, size - 8 - header_len
+        self.infos: dict[str, TensorInfo] = {}
+        for name, entry in header.items():
+            if name == "__metadata__":
+                continue
+            try:
+                dtype, shape, (begin, end) = SAFETENSORS_DTYPES[entry["dtype"]], tuple(entry["shape"]), \
+                    entry["data_offsets"]
+                n_bytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+            except (KeyError, TypeError, ValueError):
+                raise CheckpointError(f"{path}: corrupt safetensors header entry for {name!r}: {entry!r}") from None
+            if end - begin != n_bytes or begin < 0:
+                raise CheckpointError(f"{path}: tensor {name} {shape} {entry['dtype']} should take {n_bytes} bytes, "
+                                      f"the header gives [{begin}, {end})")
+            if end > data_len:
+                raise CheckpointError(f"{path} is truncated: tensor {name} needs bytes up to {end} of the data, the "
+                                      f"file holds {data_len}. Download or write it again.")
+            self.infos[name] = TensorInfo(name, shape, dtype, path, self.data_start + begin)
+        self._map: mmap.mmap | None = None
+
+    def read(self, name: str) -> torch.Tensor:
+        """The tensor, backed by the memory-mapped file where its offset allows (else a private copy)."""
+        info = self.infos[name]
+        n_bytes = int(np.prod(info.shape, dtype=np.int64)) * info.dtype.itemsize
+        if n_bytes == 0:
+            return torch.empty(info.shape, dtype=info.dtype)
+        if info.offset % info.dtype.itemsize == 0:
+            if self._map is None:
+                with self.path.open("rb") as f:
+                    self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)   # private: writes stay in memory
+            flat = torch.frombuffer(self._map, dtype=info.dtype, count=n_bytes // info.dtype.itemsize,
+                                    offset=info.offset)
+            return flat.view(info.shape)
+        data = torch.empty(n_bytes, dtype=torch.uint8)
+        with self.path.open("rb") as f:
+            f.seek(info.offset)
+            if f.readinto(data.numpy()) != n_bytes:
+                raise CheckpointError(f"{self.path} is truncated: tensor {name} could not be read whole")
+        return data.view(info.dtype).view(info.shape)
+
+
+def _release_mapped(name: str, tensor: torch.Tensor) -> None:
+    drop_pages(tensor.data_ptr(), tensor.numel() * tensor.element_size())
+
+
+class TensorSource:
+    """The tensors of one checkpoint, by name: `infos` (from the headers alone), `read(name)` and `release(name, t)`.
+
+    `mapped`: read() returns tensors backed by the memory-mapped file, which the model may keep as its parameters
+    (zero-copy); `release` gives back the pages of one it did not keep. Otherwise read() returns tensors that are not
+    the caller's to keep (transformers' own, in memory) or are new (GGUF, dequantized).
+    """
+
+    def __init__(self, infos: dict[str, TensorInfo], read: Callable[[str], torch.Tensor], description: str,
+                 mapped: bool = False, release: Callable[[str, torch.Tensor], None] | None = None) -> None:
+        self.infos, self.read, self.description, self.mapped = infos, read, description, mapped
+        self.release = release or (lambda name, tensor: None)
+
+    @classmethod
+    def from_safetensors(cls, files: list[Path], description: str) -> TensorSource:
+        opened = [SafetensorsFile(f) for f in files]
+        owner: dict[str, SafetensorsFile] = {}
+        for sf in opened:
+            for name in sf.infos:
+                if name in owner:
+                    raise CheckpointError(f"tensor {name} is in both {owner[name].path} and {sf.path}")
+                owner[name] = sf
+        infos = {name: sf.infos[name] for name, sf in owner.items()}
+        return cls(infos, lambda name: owner[name].read(name), description, mapped=True, release=_release_mapped)
+
+    @classmethod
+    def from_torch(cls, files: list[Path], description: str) -> TensorSource:
+        tensors: dict[str, torch.Tensor] = {}
+        infos: dict[str, TensorInfo] = {}
+        for f in files:
+            try:
+                state = torch.load(f, map_location="cpu", weights_only=True, mmap=True)   # memory-mapped, private
+            except Exception as err:   # noqa: BLE001 - torch raises many kinds for a broken file
+                raise CheckpointError(f"{f}: not a readable torch checkpoint ({type(err).__name__}: {err})") from None
+            if not isinstance(state, Mapping):
+                raise CheckpointError(f"{f}: holds a {type(state).__name__}, not a dict of tensors")
+            for name, tensor in state.items():
+                if not isinstance(tensor, torch.Tensor):
+                    raise CheckpointError(f"{f}: entry {name!r} is a {type(tensor).__name__}, not a tensor")
+                if name in tensors:
+                    raise CheckpointError(f"tensor {name} appears in two files ({f} and another)")
+                tensors[name] = tensor
+                infos[name] = TensorInfo(name, tuple(tensor.shape), tensor.dtype, f)
+        return cls(infos, tensors.__getitem__, description, mapped=True, release=_release_mapped)
+
+    @classmethod
+    def from_mapping(cls, state_dict: Mapping[str, torch.Tensor], description: str) -> TensorSource:
+        """Tensors already in memory (a transformers model's state dict): never kept as they are, only copied."""
+        infos = {name: TensorInfo(name, tuple(t.shape), t.dtype, Path(description)) for name, t in state_dict.items()}
+        return cls(infos, lambda name: state_dict[name].detach(), description)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+def open_gguf(path: Path) -> tuple[dict[str, Any], TensorSource]:
+    """A GGUF file's metadata (key -> value) and its tensors, dequantized to fp32 one at a time on read()."""
+    import gguf
+
+    try:
+        reader = gguf.GGUFReader(str(path))
+        metadata = {key: field.contents() for key, field in reader.fields.items()
+                    if not key.startswith("tokenizer.ggml.")}
+    except Exception as err:   # noqa: BLE001 - a broken file raises struct, numpy or value errors from deep inside
+        raise CheckpointError(f"{path}: not a readable GGUF file, or truncated ({type(err).__name__}: {err})") from None
+    tensors = {t.name: t for t in reader.tensors}
+    infos = {t.name: TensorInfo(t.name, tuple(int(n) for n in reversed(t.shape.tolist())),
+                                torch.float32 if t.tensor_type.name in ("F32", "F16", "BF16") else t.tensor_type.name,
+                                path, int(t.data_offset)) for t in reader.tensors}
+
+    def read(name: str) -> torch.Tensor:
+        t = tensors[name]
+        try:
+            values = gguf.quants.dequantize(t.data, t.tensor_type)                     # fp32 numpy
+            return torch.from_numpy(np.array(values, dtype=np.float32).reshape(infos[name].shape))
+        except Exception as err:   # noqa: BLE001
+            raise CheckpointError(f"{path}: tensor {name} ({t.tensor_type.name}) cannot be read: {err}") from None
+
+    def release(name: str, tensor: torch.Tensor) -> None:                  # the quantized bytes, memory-mapped
+        drop_pages(tensors[name].data.ctypes.data, tensors[name].data.nbytes)
+
+    return metadata, TensorSource(infos, read, f"GGUF file {path}", release=release)

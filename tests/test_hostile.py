@@ -94,6 +94,34 @@ def test_rope_scaling_matches_transformers(scaling, model_type):
     assert_greedy_matches(mt.generate(ours, prompt, max_new_tokens=24), ref, gaps, f"{scaling['rope_type']} greedy")
 
 
+@torch.no_grad()
+def test_llama3_checkpoint_folder_loads_exactly(tmp_path):
+    """The issue's case end to end: a saved Llama-3-style folder, read back by from_pretrained, against transformers
+    reading the same folder."""
+    hf, _ = build_pair(scaled_config(LLAMA3), "llama")
+    hf.save_pretrained(tmp_path)
+    theirs = transformers.LlamaForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    assert theirs.model.rotary_emb.rope_type == "llama3"
+    ours = mt.Transformer.from_pretrained(tmp_path)
+    assert ours.config.rope_scaling == LLAMA3
+    ids = torch.randint(0, 128, (1, 150))
+    diff = max_abs_diff(ours(ids), hf_logits(theirs, ids))
+    report("llama3 rope, from_pretrained folder", diff)
+    assert diff <= 1e-4
+
+
+@pytest.mark.parametrize("field, value", [("hidden_act", "gelu_pytorch_tanh"), ("mlp_bias", True),
+                                          ("rope_scaling", {"rope_type": "yarn", "factor": 4.0})])
+def test_checkpoint_folder_with_an_unimplemented_field_is_refused(tmp_path, field, value):
+    hf, _ = build_pair(scaled_config(None), "llama")
+    hf.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config.pop("rope_parameters", None) if field == "rope_scaling" else None
+    (tmp_path / "config.json").write_text(json.dumps({**config, field: value}))
+    with pytest.raises(mt.CheckpointError, match=field):
+        mt.Transformer.from_pretrained(tmp_path)
+
+
 @pytest.mark.parametrize("scaling", [LLAMA3, LINEAR], ids=["llama3", "linear"])
 def test_rope_scaling_round_trips(scaling, tmp_path):
     cfg = scaled_config(scaling)

@@ -66,7 +66,7 @@ def _integer_tensor(value: Any, name: str) -> torch.Tensor | None:
     if type(value).__module__ == "numpy" and hasattr(value, "dtype") and hasattr(value, "ndim"):
         if value.dtype.kind not in "iu":
             raise TypeError(f"{name} must hold integer token ids, got a numpy array of dtype {value.dtype}")
-        value = torch.from_numpy(value.astype("int64", copy=False).reshape(value.shape))
+        value = torch.from_numpy(value.astype("int64", copy=False))
     if not isinstance(value, torch.Tensor):
         return None
     if value.dtype == torch.bool or value.is_floating_point() or value.is_complex():

@@ -294,6 +294,21 @@ def test_transformers_mixtral_ignores_norm_topk_prob_which_is_why_it_is_refused(
     assert torch.equal(hf_logits(hf, ids), hf_logits(other, ids))
 
 
+@torch.no_grad()
+def test_router_jitter_and_aux_loss_are_inert_in_eval_mode_in_transformers_too():
+    """Why router_jitter_noise and router_aux_loss_coef load: transformers' Mixtral in eval mode gives the same logits
+    with them on, and our copy of either model is the same."""
+    cfg = tiny_config(n_experts=4, sliding_window=None)
+    hf, ours = build_pair(cfg, "mixtral")
+    noisy_config = cfg.to_hf("mixtral", router_jitter_noise=0.5, router_aux_loss_coef=0.5, output_router_logits=True)
+    noisy_config._attn_implementation = "eager"
+    noisy = transformers.MixtralForCausalLM(noisy_config).eval()
+    noisy.load_state_dict(hf.state_dict())
+    ids = torch.randint(0, cfg.vocab_size, (1, 12))
+    assert torch.equal(hf_logits(hf, ids), hf_logits(noisy, ids))
+    assert mt.ModelConfig.from_hf(noisy_config) == ours.config
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Malformed configs: one CheckpointError naming the key
 @pytest.mark.parametrize("key", ["model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",

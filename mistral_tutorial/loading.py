@@ -347,6 +347,31 @@ def _assemble(source: TensorSource, fmt: str, config: ModelConfig, dtype: torch.
     return model.eval()
 
 
+def loading_plan(config: ModelConfig, dtype_bytes: int = 2, fast: bool = True
+                 ) -> list[tuple[str, tuple[int, ...], int, str]]:
+    """(hub name, shape, bytes, where it goes) for each tensor of a hub-layout checkpoint of `config`, in the
+    checkpoint's dtype, on a CPU: built on the meta device, nothing read or allocated."""
+    with torch.device("meta"):
+        model = Transformer(config)
+    state = model.state_dict()
+    if config.tie_embeddings:
+        state.pop("output.weight")
+    names = {id(m): n for n, m in model.named_modules()}
+    group_of = {".".join(filter(None, [names[id(module)], n, "weight"])): "+".join(group)
+                for module, group in decode_groups(model) for n in group} if fast else {}
+    rows = []
+    for name, tensor in ours_to_hf_disk(state, config).items():
+        (t,) = targets(name, "hf", config)
+        if t.expert is not None:
+            where = f"stacked experts: slot {t.expert} of {t.key} (E={config.n_experts}), copied in"
+        elif t.key in group_of:
+            where = f"packed: with {group_of[t.key]} (oneDNN; replaces the plain matrix)"
+        else:
+            where = f"zero-copy: {t.key} is the memory-mapped file"
+        rows.append((name, tuple(tensor.shape), tensor.numel() * dtype_bytes, where))
+    return rows
+
+
 def from_hf(hf_model: Any, fast: bool = False) -> Transformer:
     """Our Transformer holding a copy of the weights of a transformers Mistral/Mixtral/Llama *ForCausalLM instance.
 

@@ -91,13 +91,18 @@ class ReadOnlyWeight(torch.Tensor):
         name = getattr(func, "__name__", "")
         in_place = (name.endswith("_") and not name.endswith("__")) or name in ("__setitem__", "__set__") or (
             name.startswith("__i") and name.endswith("__") and name not in ("__index__", "__int__", "__invert__"))
-        if in_place:
+        if in_place and args and isinstance(args[0], ReadOnlyWeight):
             raise RuntimeError(f"this weight is an unpacked copy: writing to it ({name}) would not change the model. "
                                f"Use model.load_state_dict(...) (it repacks), or {UNPACK_HINT}")
-        if name == "clone":                       # an explicit copy is the caller's to change
-            with torch._C.DisableTorchFunctionSubclass():
-                return func(*args, **(kwargs or {}))
-        return super().__torch_function__(func, types, args, kwargs)   # views and results stay read-only
+        with torch._C.DisableTorchFunctionSubclass():
+            result = func(*args, **(kwargs or {}))
+            storages = {a.untyped_storage().data_ptr() for a in args if isinstance(a, ReadOnlyWeight)}
+            is_view = (isinstance(result, torch.Tensor) and not isinstance(result, nn.Parameter)
+                       and result.untyped_storage().data_ptr() in storages)
+        return result.as_subclass(ReadOnlyWeight) if is_view else result   # views (.data, .detach()) stay read-only
+
+    def __repr__(self) -> str:
+        return "ReadOnlyWeight(" + torch.Tensor.__repr__(self.as_subclass(torch.Tensor))[len("tensor("):]
 
 
 class PackedLinear(nn.Module):

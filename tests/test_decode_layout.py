@@ -148,3 +148,16 @@ def test_tied_head_follows_the_embedding():
         model.output.matrix.tied_to = model.tok_embeddings.weight      # re-tying by hand is the user's to do
         plain.load_state_dict(model.state_dict())
         torch.testing.assert_close(model(tokens), plain(tokens), atol=1e-5, rtol=0)
+
+
+def test_read_copies_can_be_read_and_copied_from():
+    model = random_model(sliding_window=4).optimize_for_decode()
+    plain = mt.Transformer(model.config).eval()
+    with torch.no_grad():
+        for name in matrix_names(model):
+            target = plain.get_submodule(name.rsplit(".", 1)[0]).weight
+            target.copy_(model.get_submodule(name.rsplit(".", 1)[0]).weight)   # into a plain tensor: allowed
+            assert torch.equal(target, model.state_dict()[name])
+    doubled = model.layers[0].feed_forward.w2.weight * 2                        # a new tensor: the caller's own
+    doubled.add_(1)
+    assert mt.upcycle(mt.unpack(model), n_experts=2).config.n_experts == 2

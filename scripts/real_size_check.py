@@ -1,0 +1,153 @@
+"""Mistral 7B at real size on a 24 GB, 2-core CPU: ours against transformers on the same hub-layout files.
+
+    python scripts/real_size_check.py                 # Mistral-7B-v0.1's exact shapes: 14.5 GB bf16, 2 shards
+    python scripts/real_size_check.py --size small    # the same code on a ~120 MB model (what CI runs)
+    python scripts/real_size_check.py --plan-only     # only the Mixtral-8x7B loading plan, on the meta device
+
+1. Writes (once) a checkpoint in exactly the hub layout of Mistral-7B-v0.1: its published config.json, bf16
+   safetensors shards and model.safetensors.index.json, with seeded random weights (benchmarks/bench_load.py's).
+2. In a fresh process each, one after the other (so each has the machine's memory to itself): loads it in bf16 with
+   ours (the default fast layout) and with transformers, takes the logits of a 16-token prompt, and generates 16 greedy
+   tokens. Reports peak RSS above the imports, load seconds, decode tokens/s, and ours as a fraction of the
+   memory-bandwidth limit (--bandwidth GB/s over the bytes one decode step reads).
+3. Compares the two: logits max-abs-diff (bf16) and the tokens.
+4. Prints the Mixtral-8x7B loading plan from its preset on the meta device: where each tensor goes, nothing read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+NEW_TOKENS = 16
+PROMPT_IDS = [1, 415, 5565, 302, 4843, 349, 264, 1736, 302, 1983, 1237, 28725, 304, 272, 3454, 349]   # 16 ids
+
+
+def child(kind: str, folder: Path, out: Path) -> None:
+    """One loader in its own process: load in bf16, prompt logits, 16 greedy tokens."""
+    import torch
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import transformers
+    from bench_load import peak_rss_kib
+
+    import mistral_tutorial as mt
+
+    transformers.logging.set_verbosity_error()
+    ids = torch.tensor([PROMPT_IDS])
+    torch.nn.init.normal_(torch.empty(1, device="meta"))        # torch's one-time meta-device set-up, for both
+    Path("/proc/self/clear_refs").write_text("5")
+    base = peak_rss_kib()
+    start = time.perf_counter()
+    with torch.inference_mode():
+        if kind == "transformers":
+            model = transformers.AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.bfloat16).eval()
+        else:
+            model = mt.Transformer.from_pretrained(folder, dtype=torch.bfloat16)
+        load_s = time.perf_counter() - start
+        logits = (model(ids).logits if kind == "transformers" else model(ids))[0].float()
+        timings = []
+        for n in (1, NEW_TOKENS):                                  # decode rate = (N - 1) / (t(N) - t(1))
+            begin = time.perf_counter()
+            if kind == "transformers":
+                tokens = model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)[0, ids.shape[1]:]
+            else:
+                tokens = mt.generate(model, ids, max_new_tokens=n)[0]
+            timings.append(time.perf_counter() - begin)
+    torch.save({"logits": logits.clone(), "tokens": tokens.clone()}, out)
+    config = mt.ModelConfig.from_hf(json.loads((folder / "config.json").read_text()))
+    with torch.device("meta"):
+        n_params = mt.Transformer(config).num_parameters()
+    # a decode step reads every weight once, but of an untied embedding only one row
+    step_bytes = (n_params - (0 if config.tie_embeddings else config.vocab_size * config.dim)) * 2
+    print(json.dumps({"kind": kind, "peak_bytes": (peak_rss_kib() - base) * 1024, "load_s": load_s,
+                      "decode_tok_s": (NEW_TOKENS - 1) / (timings[1] - timings[0]), "step_bytes": step_bytes}))
+
+
+def run(kind: str, folder: Path) -> tuple[dict, dict]:
+    import torch
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "result.pt"
+        done = subprocess.run([sys.executable, __file__, "--child", kind, "--folder", str(folder), "--out", str(out)],
+                              capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        if done.returncode != 0:
+            raise SystemExit(f"{kind} failed:\n{done.stderr[-4000:]}")
+        return json.loads(done.stdout.strip().splitlines()[-1]), torch.load(out)
+
+
+def mixtral_plan() -> None:
+    """The loading plan of Mixtral-8x7B-v0.1 from its preset, on the meta device: nothing is read or allocated."""
+    from mistral_tutorial import presets
+    from mistral_tutorial.loading import loading_plan
+
+    rows = loading_plan(presets.mixtral_8x7b_v0_1(), dtype_bytes=2)
+    print("\nMixtral-8x7B-v0.1, bf16, hub layout: where each tensor goes (fast layout, on the meta device)\n")
+    print("| hub tensor (layer 0, and totals over all layers) | shape | MB | goes to |")
+    print("|---|---|---:|---|")
+    for name, shape, n_bytes, where in rows:
+        if ".layers." not in name or (".layers.0." in name and (".experts." not in name or ".experts.0." in name)):
+            print(f"| {name} | {tuple(shape)} | {n_bytes / 1e6:.1f} | {where} |")
+    by_where: dict[str, list[int]] = {}
+    for _, _, n_bytes, where in rows:
+        kind = where.split(":")[0]
+        by_where.setdefault(kind, [0, 0])
+        by_where[kind][0] += 1
+        by_where[kind][1] += n_bytes
+    print()
+    for kind, (count, n_bytes) in by_where.items():
+        print(f"- {kind}: {count} tensors, {n_bytes / 1e9:.2f} GB")
+    print(f"- total: {len(rows)} tensors, {sum(r[2] for r in rows) / 1e9:.2f} GB: needs that much RAM (or GPU memory) "
+          f"for the weights alone; see the README's table for what fits where")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", choices=["7b", "small"], default="7b")
+    parser.add_argument("--bandwidth", type=float, default=29.0, help="memory bandwidth, GB/s (this machine: ~29)")
+    parser.add_argument("--plan-only", action="store_true")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--folder", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(args.child, args.folder, args.out)
+        return
+    if not args.plan_only:
+        from bench_load import checkpoint, checkpoint_bytes
+
+        folder = checkpoint(args.size)
+        n_bytes = checkpoint_bytes(folder)
+        print(f"checkpoint: {folder} ({n_bytes / 1e9:.2f} GB bf16, {len(list(folder.glob('*.safetensors')))} "
+              f"shards + index)\n")
+        results = {kind: run(kind, folder) for kind in ("ours", "transformers")}
+        print("| | peak RSS above imports (GB) | / checkpoint | load (s) | decode (tokens/s) | of bandwidth limit |")
+        print("|---|---:|---:|---:|---:|---:|")
+        for kind, (report, _) in results.items():
+            limit = args.bandwidth * 1e9 / report["step_bytes"]
+            print(f"| {kind} | {report['peak_bytes'] / 1e9:.2f} | {report['peak_bytes'] / n_bytes:.2f}x | "
+                  f"{report['load_s']:.1f} | {report['decode_tok_s']:.2f} | {report['decode_tok_s'] / limit:.0%} |")
+        ours, theirs = results["ours"][1], results["transformers"][1]
+        diff = (ours["logits"] - theirs["logits"]).abs().max().item()
+        same = bool((ours["tokens"] == theirs["tokens"]).all())
+        print(f"\nprompt logits (bf16), max-abs-diff: {diff:.3g} (largest |logit| "
+              f"{theirs['logits'].abs().max().item():.3g}); argmax at every position identical: "
+              f"{bool((ours['logits'].argmax(-1) == theirs['logits'].argmax(-1)).all())}")
+        print(f"{NEW_TOKENS} greedy tokens identical: {same}  (ours {ours['tokens'].tolist()})")
+        if not same:
+            print(f"   transformers: {theirs['tokens'].tolist()}")
+    mixtral_plan()
+
+
+if __name__ == "__main__":
+    main()

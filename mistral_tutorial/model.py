@@ -54,6 +54,10 @@ class Transformer(nn.Module):
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
+        if not isinstance(config, ModelConfig):
+            raise TypeError(f"Transformer takes a mt.ModelConfig, got {type(config).__name__}: build one with "
+                            f"mt.ModelConfig(...), ModelConfig.from_hf(config.json or a transformers config) or "
+                            f"ModelConfig.from_params(params.json)")
         config.validate()
         self.config = config
         self.tok_embeddings = TokenEmbedding(config.vocab_size, config.dim)

@@ -581,6 +581,12 @@ def test_numpy_numbers_are_fine_settings(model):
     assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("config", [{"dim": 64}, None, "config.json"], ids=["dict", "None", "str"])
+def test_transformer_wants_a_model_config(config):
+    with pytest.raises(TypeError, match="ModelConfig"):
+        mt.Transformer(config)
+
+
 def test_generate_wants_our_model():
     hf = transformers.LlamaForCausalLM(tiny_config(sliding_window=None).to_hf("llama"))
     with pytest.raises(TypeError, match="Transformer"):

@@ -99,7 +99,11 @@ class ModelConfig:
         return self.n_heads // self.n_kv_heads
 
     def replace(self, **changes: Any) -> ModelConfig:
-        """A copy with some fields changed (validated again)."""
+        """A copy with some fields changed (validated again); an unknown field name is a TypeError listing the fields."""
+        unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
+        if unknown:
+            raise TypeError(f"ModelConfig has no field(s) {unknown}; its fields are "
+                            f"{[f.name for f in dataclasses.fields(self)]}")
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:

@@ -581,6 +581,16 @@ def test_numpy_numbers_are_fine_settings(model):
     assert torch.equal(a, b)
 
 
+def test_an_override_that_is_not_a_field_is_named(tmp_path):
+    with pytest.raises(TypeError, match="window") as err:
+        tiny_config().replace(window=32)
+    assert "sliding_window" in str(err.value)                                 # and the right name is listed
+    hf, _ = build_pair(tiny_config(), "mistral")
+    hf.save_pretrained(tmp_path)
+    with pytest.raises(TypeError, match="window"):
+        mt.Transformer.from_pretrained(tmp_path, window=32)
+
+
 @pytest.mark.parametrize("config", [{"dim": 64}, None, "config.json"], ids=["dict", "None", "str"])
 def test_transformer_wants_a_model_config(config):
     with pytest.raises(TypeError, match="ModelConfig"):

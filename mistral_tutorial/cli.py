@@ -218,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                         help="show the Python traceback of an error instead of one line")
     parser = check.OneLineParser(prog="mistral-tutorial", parents=[common],
-                     description="Mistral / Mixtral from scratch: fetch, info, generate, route.")
+                                 description="Mistral / Mixtral from scratch: fetch, info, generate, route.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def add(name: str, **kwargs: Any) -> argparse.ArgumentParser:

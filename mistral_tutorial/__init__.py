@@ -3,9 +3,9 @@
 from . import loading, presets
 from .attention import Attention, attention_weights, repeat_kv, sliding_window_mask, window_mask
 from .cache import KVCache
-from .config import ConfigError, ModelConfig
+from .config import ModelConfig
 from .embedding import RMSNorm, TokenEmbedding, rms_norm
-from .errors import CheckpointError
+from .errors import CheckpointConfigError, CheckpointError, ConfigError
 from .feedforward import FeedForward
 from .gating import NoisyTopKGate, load_balancing_loss
 from .generation import generate, sample_next
@@ -37,6 +37,7 @@ __all__ = [
     "generate",
     "sample_next",
     "CheckpointError",
+    "CheckpointConfigError",
     "Transformer",
     "pack_for_decode",
     "unpack",

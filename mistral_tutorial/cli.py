@@ -4,11 +4,15 @@ transformers), colour text by expert.
     mistral-tutorial fetch
     mistral-tutorial info mistral-7b-v0.1 --length 32768
     mistral-tutorial generate "What is a sliding window?" --max-new-tokens 64 --compare-hf
+
+Every argument is checked while parsing, before any model loads. Every error is one line on stderr ("error: ...")
+with exit status 2; `--debug` shows the traceback instead.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from pathlib import Path
@@ -16,8 +20,14 @@ from typing import Any
 
 import torch
 
+from . import cli_args as check
+
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
+
+
+class CliError(Exception):
+    """An error the CLI reports as one line, exit status 2."""
 
 
 def _fetch(args: argparse.Namespace) -> int:
@@ -33,11 +43,10 @@ def _resolve_model_path(model: str | None) -> Path:
 
     if model is None:
         return require_default_model()
-    path = Path(model).expanduser()
-    if not path.exists():
-        raise SystemExit(f"error: --model {model}: no such file or directory (a transformers dir, a reference folder "
-                         f"with params.json, or a .gguf file)")
-    return path
+    try:
+        return Path(check.existing_path(model)).expanduser()
+    except argparse.ArgumentTypeError as err:
+        raise CliError(str(err)) from None
 
 
 class _Tokenizer:
@@ -92,10 +101,13 @@ def _generate(args: argparse.Namespace) -> int:
     from .loading import load_pretrained, to_hf
 
     if args.prompt.strip() == "":
-        raise SystemExit("error: the prompt is empty")
+        raise CliError("the prompt is empty")
+    if args.temperature == 0:
+        given = [f"--{name.replace('_', '-')}" for name in ("top_p", "top_k", "seed") if getattr(args, name) is not None]
+        if given:
+            raise CliError(f"{', '.join(given)}: no effect with greedy decoding (--temperature 0); "
+                           f"add --temperature > 0 to sample")
     dtype = DTYPES[args.dtype]
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit("error: --device cuda asked for, but torch sees no CUDA device; use --device cpu")
     path = _resolve_model_path(args.model)
     overrides: dict[str, Any] = {}
     if args.sliding_window is not None:
@@ -165,8 +177,6 @@ def _info(args: argparse.Namespace) -> int:
         config = PRESETS[name or "mistral-7b-v0.1"]()
         title = name or "mistral-7b-v0.1"
     else:
-        import json
-
         path = _resolve_model_path(name)
         if path.suffix == ".gguf":
             from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
@@ -175,10 +185,9 @@ def _info(args: argparse.Namespace) -> int:
         elif (path / "params.json").is_file():
             config = ModelConfig.from_params(path / "params.json")
         elif (path / "config.json").is_file():
-            config = ModelConfig.from_hf(json.loads((path / "config.json").read_text()))
+            config = ModelConfig.from_hf(path / "config.json")
         else:
-            raise SystemExit(f"error: {path}: not a preset ({', '.join(PRESETS)}), .gguf, reference or "
-                             f"transformers folder")
+            raise CliError(f"{path}: not a preset ({', '.join(PRESETS)}), .gguf, reference or transformers folder")
         title = str(path)
     with torch.device("meta"):
         model = Transformer(config)
@@ -205,30 +214,41 @@ def _route(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mistral-tutorial",
-                                     description="Mistral / Mixtral from scratch: fetch, info, generate, route.")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show the Python traceback of an error instead of one line")
+    parser = check.OneLineParser(prog="mistral-tutorial", parents=[common],
+                                 description="Mistral / Mixtral from scratch: fetch, info, generate, route.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    fetch = sub.add_parser("fetch", help="download the default model (SmolLM2-135M-Instruct GGUF) into the cache")
+    def add(name: str, **kwargs: Any) -> argparse.ArgumentParser:
+        return sub.add_parser(name, parents=[common], **kwargs)
+
+    fetch = add("fetch", help="download the default model (SmolLM2-135M-Instruct GGUF) into the cache")
     fetch.add_argument("--force", action="store_true", help="download again even if present")
     fetch.set_defaults(func=_fetch)
 
-    info = sub.add_parser("info", help="config, parameter counts and KV-cache memory of a model or preset")
-    info.add_argument("model", nargs="?", help="a preset (mistral-7b-v0.1, mixtral-8x7b-v0.1) or a model path")
-    info.add_argument("--length", type=int, default=32768, help="tokens for the KV-cache estimate (default 32768)")
+    info = add("info", help="config, parameter counts and KV-cache memory of a model or preset")
+    info.add_argument("model", nargs="?", type=check.preset_or_path,
+                      help="a preset (mistral-7b-v0.1, mixtral-8x7b-v0.1) or a model path")
+    info.add_argument("--length", type=check.int_at_least(1), default=32768,
+                      help="tokens for the KV-cache estimate (default 32768)")
     info.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
     info.set_defaults(func=_info)
 
-    gen = sub.add_parser("generate", help="generate text (greedy by default), streamed")
+    gen = add("generate", help="generate text (greedy by default), streamed")
     gen.add_argument("prompt")
-    gen.add_argument("--model", help="transformers dir, reference folder or .gguf (default: the fetched SmolLM2)")
-    gen.add_argument("--max-new-tokens", type=int, default=128)
-    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    gen.add_argument("--top-p", type=float, default=None)
-    gen.add_argument("--top-k", type=int, default=None)
-    gen.add_argument("--seed", type=int, default=None)
-    gen.add_argument("--sliding-window", type=int, default=None, help="override the window (0 = full attention)")
-    gen.add_argument("--device", default="cpu")
+    gen.add_argument("--model", type=check.existing_path,
+                     help="transformers dir, reference folder or .gguf (default: the fetched SmolLM2)")
+    gen.add_argument("--max-new-tokens", type=check.int_at_least(1), default=128)
+    gen.add_argument("--temperature", type=check.float_in(0.0, math.inf, False, "a finite number >= 0"), default=0.0,
+                     help="0 = greedy (default)")
+    gen.add_argument("--top-p", type=check.float_in(0.0, 1.0, True, "in (0, 1]"), default=None)
+    gen.add_argument("--top-k", type=check.int_at_least(0, " (0 = off)"), default=None)
+    gen.add_argument("--seed", type=check.seed, default=None)
+    gen.add_argument("--sliding-window", type=check.int_at_least(0, " (0 = full attention, else a window >= 1)"),
+                     default=None, help="override the window (0 = full attention)")
+    gen.add_argument("--device", type=check.device, default="cpu")
     gen.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     gen.add_argument("--no-chat", action="store_true", help="feed the prompt raw, without the chat template")
     gen.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-sequence token")
@@ -236,26 +256,44 @@ def build_parser() -> argparse.ArgumentParser:
                      help="also run transformers on the same weights; print whether tokens agree and both speeds")
     gen.set_defaults(func=_generate)
 
-    route = sub.add_parser("route", help="draw text coloured by first-choice expert (Mixtral Fig 8)")
+    route = add("route", help="draw text coloured by first-choice expert (Mixtral Fig 8)")
     route.add_argument("text")
-    route.add_argument("--out", required=True, help="PNG file to write")
-    route.add_argument("--model", help="an MoE checkpoint (default: the tiny Mixtral in checkpoints/tiny-mixtral)")
-    route.add_argument("--layer", type=int, default=None, help="layer to colour by (default: the middle one)")
-    route.add_argument("--device", default="cpu", help="e.g. cuda for real Mixtral weights")
+    route.add_argument("--out", type=check.png_out, required=True,
+                       help="PNG file to write, exactly this path (its folder must exist)")
+    route.add_argument("--model", type=check.existing_path,
+                       help="an MoE checkpoint (default: the tiny Mixtral in checkpoints/tiny-mixtral)")
+    route.add_argument("--layer", type=check.int_at_least(0), default=None,
+                       help="layer to colour by (default: the middle one)")
+    route.add_argument("--device", type=check.device, default="cpu", help="e.g. cuda for real Mixtral weights")
     route.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="bfloat16 for real Mixtral weights")
     route.set_defaults(func=_route)
     return parser
 
 
+def _one_line(err: BaseException) -> str:
+    """The error's message on one line (a multi-line message, e.g. a list of missing keys, joined with ' | ')."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return " | ".join(lines) or type(err).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; returns the exit status. Errors: one line on stderr, status 2 (130 for Ctrl-C)."""
     args = build_parser().parse_args(argv)
+    if getattr(args, "debug", False):
+        return args.func(args)
+    from .errors import CheckpointError, ConfigError
+
     try:
         return args.func(args)
-    except FileNotFoundError as err:
-        print(f"error: {err}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except (CliError, CheckpointError, ConfigError, OSError, ValueError, TypeError, RuntimeError) as err:
+        print(f"error: {_one_line(err)}", file=sys.stderr)
         return 2
-    except (ValueError, RuntimeError) as err:
-        print(f"error: {err}", file=sys.stderr)
+    except Exception as err:  # noqa: BLE001 - anything else is still one line, with the way to see more
+        print(f"error: {type(err).__name__}: {_one_line(err)} (run again with --debug for the traceback)",
+              file=sys.stderr)
         return 2
 
 

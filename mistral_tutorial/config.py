@@ -6,14 +6,16 @@ Mistral 7B paper, Table 1 (and Mixtral paper, Table 1) list the numbers the pres
 from __future__ import annotations
 
 import dataclasses
-import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .checkpoint_config import hf_fields, params_fields
+from .errors import CheckpointConfigError, ConfigError
+from .rope import check_rope_scaling
 
-class ConfigError(ValueError):
-    """A ModelConfig field holds a value the model cannot be built with."""
+__all__ = ["ConfigError", "ModelConfig"]
 
 
 @dataclass
@@ -23,6 +25,8 @@ class ModelConfig:
     Symbols of the papers in brackets: dim [d], n_layers [L], n_heads [H], n_kv_heads [Hkv], head_dim [D],
     hidden_dim [the FFN width], sliding_window [W], n_experts [E], experts_per_token [k].
     `sliding_window=None` is full causal attention (Llama, Mixtral); `n_experts=0` is a dense FFN (Mistral, Llama).
+    `rope_scaling=None` is plain RoPE; {"rope_type": "linear", "factor": s} or {"rope_type": "llama3", "factor": s,
+    "low_freq_factor": .., "high_freq_factor": .., "original_max_position_embeddings": L} stretch it (see rope.py).
     """
 
     vocab_size: int = 32000
@@ -39,6 +43,7 @@ class ModelConfig:
     n_experts: int = 0
     experts_per_token: int = 2
     tie_embeddings: bool = False
+    rope_scaling: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if self.head_dim is None and isinstance(self.dim, int) and isinstance(self.n_heads, int) and self.n_heads > 0:
@@ -66,15 +71,22 @@ class ModelConfig:
                                                 or isinstance(self.sliding_window, bool) or self.sliding_window < 1):
             raise ConfigError(f"ModelConfig.sliding_window must be None (full attention) or an int >= 1, "
                               f"got {self.sliding_window!r}")
-        if not (self.norm_eps > 0):
-            raise ConfigError(f"ModelConfig.norm_eps must be > 0, got {self.norm_eps!r}")
-        if not (self.rope_theta > 0):
-            raise ConfigError(f"ModelConfig.rope_theta must be > 0, got {self.rope_theta!r}")
-        if not isinstance(self.n_experts, int) or self.n_experts < 0:
+        for name in ("norm_eps", "rope_theta"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value <= 0:
+                raise ConfigError(f"ModelConfig.{name} must be a finite number > 0, got {value!r}")
+        if not isinstance(self.n_experts, int) or isinstance(self.n_experts, bool) or self.n_experts < 0:
             raise ConfigError(f"ModelConfig.n_experts must be 0 (dense FFN) or a positive int, got {self.n_experts!r}")
-        if self.n_experts > 0 and not (1 <= self.experts_per_token <= self.n_experts):
-            raise ConfigError(f"ModelConfig.experts_per_token must lie in 1..n_experts ({self.n_experts}), "
+        if not isinstance(self.experts_per_token, int) or isinstance(self.experts_per_token, bool) or (
+                self.n_experts > 0 and not 1 <= self.experts_per_token <= self.n_experts):
+            raise ConfigError(f"ModelConfig.experts_per_token must be an int in 1..n_experts ({self.n_experts}), "
                               f"got {self.experts_per_token!r}")
+        if not isinstance(self.tie_embeddings, bool):
+            raise ConfigError(f"ModelConfig.tie_embeddings must be True or False, got {self.tie_embeddings!r}")
+        try:
+            self.rope_scaling = check_rope_scaling(self.rope_scaling)
+        except ConfigError as err:
+            raise ConfigError(f"ModelConfig.{err}") from None
 
     # ----------------------------------------------------------------------------------------------------------------
     @property
@@ -87,7 +99,11 @@ class ModelConfig:
         return self.n_heads // self.n_kv_heads
 
     def replace(self, **changes: Any) -> ModelConfig:
-        """A copy with some fields changed (validated again)."""
+        """A copy with some fields changed (validated again); an unknown field name is a TypeError listing the fields."""
+        unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
+        if unknown:
+            raise TypeError(f"ModelConfig has no field(s) {unknown}; its fields are "
+                            f"{[f.name for f in dataclasses.fields(self)]}")
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
@@ -111,36 +127,24 @@ class ModelConfig:
     # transformers configs
     @classmethod
     def from_hf(cls, hf_config: Any) -> ModelConfig:
-        """From a transformers MistralConfig, MixtralConfig or LlamaConfig (or its `to_dict()`)."""
-        c = hf_config if isinstance(hf_config, dict) else hf_config.to_dict()
-        model_type = c.get("model_type", "")
-        if model_type not in ("mistral", "mixtral", "llama"):
-            raise ConfigError(f"unsupported transformers model_type {model_type!r}: expected mistral, mixtral or llama")
-        rope = c.get("rope_parameters") or {}
-        rope_type = rope.get("rope_type", "default")
-        if rope_type not in ("default", None):
-            raise ConfigError(f"rope_type {rope_type!r} is not supported: this library implements plain RoPE only")
-        rope_theta = rope.get("rope_theta", c.get("rope_theta", 10000.0))
-        for flag in ("attention_bias", "mlp_bias"):
-            if c.get(flag):
-                raise ConfigError(f"transformers config has {flag}=True; Mistral-family models have no biases")
-        window = c.get("sliding_window") if model_type != "llama" else None
-        return cls(
-            vocab_size=c["vocab_size"],
-            dim=c["hidden_size"],
-            n_layers=c["num_hidden_layers"],
-            n_heads=c["num_attention_heads"],
-            n_kv_heads=c.get("num_key_value_heads") or c["num_attention_heads"],
-            head_dim=c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"],
-            hidden_dim=c["intermediate_size"],
-            norm_eps=float(c["rms_norm_eps"]),
-            rope_theta=float(rope_theta),
-            sliding_window=window,
-            max_position_embeddings=c["max_position_embeddings"],
-            n_experts=c.get("num_local_experts", 0) if model_type == "mixtral" else 0,
-            experts_per_token=c.get("num_experts_per_tok", 2) if model_type == "mixtral" else 2,
-            tie_embeddings=bool(c.get("tie_word_embeddings", False)),
-        )
+        """From a transformers MistralConfig, MixtralConfig or LlamaConfig, its `to_dict()`, or a config.json path.
+
+        Every field is read, known to be inert, or refused with a CheckpointConfigError (a CheckpointError and a
+        ConfigError) naming it and its value: see checkpoint_config.py. Missing optional fields take transformers'
+        defaults for the model_type.
+        """
+        source = str(hf_config) if isinstance(hf_config, (str, Path)) else "transformers config"
+        return cls._checked(hf_fields(hf_config), source)
+
+    @classmethod
+    def _checked(cls, fields: dict[str, Any], source: str) -> ModelConfig:
+        """cls(**fields), with a ConfigError turned into a CheckpointConfigError naming the source."""
+        try:
+            return cls(**fields)
+        except CheckpointConfigError:
+            raise
+        except ConfigError as err:
+            raise CheckpointConfigError(f"{source}: {err}") from None
 
     def to_hf(self, model_type: str | None = None, **extra: Any) -> Any:
         """A transformers config: MixtralConfig when n_experts > 0, else MistralConfig (or LlamaConfig if asked and
@@ -157,7 +161,7 @@ class ModelConfig:
             head_dim=self.head_dim,
             intermediate_size=self.hidden_dim,
             rms_norm_eps=self.norm_eps,
-            rope_parameters={"rope_type": "default", "rope_theta": self.rope_theta},
+            rope_parameters={"rope_type": "default", "rope_theta": self.rope_theta, **(self.rope_scaling or {})},
             max_position_embeddings=self.max_position_embeddings,
             tie_word_embeddings=self.tie_embeddings,
             hidden_act="silu",
@@ -182,32 +186,14 @@ class ModelConfig:
     # mistral reference params.json
     @classmethod
     def from_params(cls, params: dict[str, Any] | str | Path) -> ModelConfig:
-        """From a mistral reference `params.json` (a path or the parsed dict)."""
-        if not isinstance(params, dict):
-            params = json.loads(Path(params).read_text())
-        moe = params.get("moe") or {}
-        missing = [k for k in ("dim", "n_layers", "n_heads", "hidden_dim", "vocab_size") if k not in params]
-        if missing:
-            raise ConfigError(f"params.json lacks {missing}: not a mistral reference params.json")
-        return cls(
-            vocab_size=params["vocab_size"],
-            dim=params["dim"],
-            n_layers=params["n_layers"],
-            n_heads=params["n_heads"],
-            n_kv_heads=params.get("n_kv_heads", params["n_heads"]),
-            head_dim=params.get("head_dim"),
-            hidden_dim=params["hidden_dim"],
-            norm_eps=float(params.get("norm_eps", 1e-5)),
-            rope_theta=float(params.get("rope_theta", 10000.0)),
-            sliding_window=params.get("sliding_window"),
-            max_position_embeddings=params.get("max_position_embeddings", params.get("max_seq_len", 32768)),
-            n_experts=moe.get("num_experts", 0),
-            experts_per_token=moe.get("num_experts_per_tok", 2),
-            tie_embeddings=bool(params.get("tied_embeddings", False)),
-        )
+        """From a mistral reference `params.json` (a path or the parsed dict); refuses what it cannot load exactly."""
+        source = str(params) if isinstance(params, (str, Path)) else "params.json"
+        return cls._checked(params_fields(params), source)
 
     def to_params(self) -> dict[str, Any]:
-        """The mistral reference `params.json` dict for this config."""
+        """The mistral reference `params.json` dict for this config (which has no way to state a rope scaling)."""
+        if self.rope_scaling is not None:
+            raise ConfigError(f"a params.json cannot hold rope_scaling {self.rope_scaling}: use to_hf()")
         params: dict[str, Any] = dict(
             dim=self.dim, n_layers=self.n_layers, head_dim=self.head_dim, hidden_dim=self.hidden_dim,
             n_heads=self.n_heads, n_kv_heads=self.n_kv_heads, norm_eps=self.norm_eps, vocab_size=self.vocab_size,

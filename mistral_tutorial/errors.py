@@ -1,8 +1,34 @@
-"""The library's own errors: what a user did or gave that cannot work, said with the fix."""
+"""The library's own errors, in a module of their own so that every other module can import them (STYLE §10).
+
+    MistralTutorialError (ValueError)
+    ├── ConfigError                 a ModelConfig field holds a value the model cannot be built with
+    ├── CheckpointError             a checkpoint cannot be loaded exactly: a bad file, tensor or config
+    └── CheckpointConfigError       a checkpoint's config (config.json, params.json, a transformers config) asks for
+                                    something this library does not implement, or is malformed: both of the above
+
+All are ValueErrors, so `except ValueError` keeps working; the CLI prints any of them as one line.
+"""
 
 from __future__ import annotations
 
 
-class CheckpointError(ValueError):
-    """A checkpoint cannot be loaded exactly: a missing, unexpected or mis-shaped tensor, a field the model does not
-    implement, a truncated or corrupt file, or an unknown format. The message names the file and the key."""
+class MistralTutorialError(ValueError):
+    """Base of the library's errors: something given to the library is wrong, and the message says what and how to fix
+    it."""
+
+
+class ConfigError(MistralTutorialError):
+    """A ModelConfig field holds a value the model cannot be built with."""
+
+
+class CheckpointError(MistralTutorialError):
+    """A checkpoint does not fit the model: a missing, unexpected or mis-shaped tensor, a broken file, an unknown
+    format, or a config field the model does not implement."""
+
+
+class CheckpointConfigError(CheckpointError, ConfigError):
+    """A checkpoint's config cannot be turned into a ModelConfig exactly: a missing or mistyped key, or a field whose
+    value asks for something the model does not implement (a rope scaling, an activation, biases, ...).
+
+    Both a CheckpointError and a ConfigError: `except mt.CheckpointError` and `except mt.ConfigError` each catch it.
+    """

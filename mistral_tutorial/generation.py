@@ -10,40 +10,29 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from .inputs import as_stop_tokens, as_token_batch, check_int, check_sampling, check_seed
 from .model import Transformer
 from .packed import pack_for_decode
 
-
-def _as_batch(input_ids: torch.Tensor | Sequence[Sequence[int]] | Sequence[int], device: torch.device
-              ) -> tuple[torch.Tensor, list[int]]:
-    """(B, T) int64 tokens, left-padded with 0, and the padding length of each row."""
-    if isinstance(input_ids, torch.Tensor):
-        if input_ids.dim() == 1:
-            input_ids = input_ids[None]
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must have shape (batch, seq_len), got {tuple(input_ids.shape)}")
-        if input_ids.dtype not in (torch.int64, torch.int32):
-            raise TypeError(f"input_ids must hold integer token ids, got {input_ids.dtype}")
-        if input_ids.shape[1] == 0:
-            raise ValueError("the prompt is empty: give at least one token, e.g. the BOS token")
-        return input_ids.to(device=device, dtype=torch.long), [0] * input_ids.shape[0]
-    rows = list(input_ids)
-    if rows and all(isinstance(t, int) for t in rows):
-        rows = [rows]
-    if not rows or any(len(r) == 0 for r in rows):
-        raise ValueError("the prompt is empty: give at least one token per row, e.g. the BOS token")
-    longest = max(len(r) for r in rows)
-    pad = [longest - len(r) for r in rows]
-    batch = torch.tensor([[0] * p + list(r) for p, r in zip(pad, rows)], dtype=torch.long, device=device)
-    return batch, pad
+# Below this temperature, logits / T can overflow fp32: the logits are shifted by their maximum, in fp64, first.
+_TINY_TEMPERATURE = 1e-6
 
 
 def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
                 generator: torch.Generator | None = None) -> torch.Tensor:
-    """Next token per row from logits (B, vocab): argmax when temperature == 0, else a sample. Returns (B,) int64."""
-    if temperature <= 0:
+    """Next token per row from logits (B, vocab): argmax when temperature == 0, else a sample. Returns (B,) int64.
+
+    temperature: finite, >= 0; top_k: None or an int >= 0 (0 = off); top_p: None or in (0, 1]. Checked here, so a
+    NaN or negative value is a ValueError naming it rather than an error from inside torch.multinomial.
+    """
+    check_sampling(temperature, top_k, top_p)
+    if temperature == 0:
         return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
+    if temperature < _TINY_TEMPERATURE:      # softmax is shift-invariant: (z - max z) / T cannot overflow
+        logits = logits.double()
+        logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature
+    else:
+        logits = logits.float() / temperature
     if top_k is not None and top_k > 0:
         kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]    # (B, 1)
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -74,19 +63,27 @@ def generate(
 ) -> torch.Tensor:
     """Generate up to `max_new_tokens` tokens after each prompt: (B, N) int64 new tokens.
 
-    input_ids: (B, T) tensor, or a list of token lists (different lengths are left-padded). prefill_chunk_size: the
+    input_ids: a (B, T) or (T,) integer tensor or numpy array, a list of ints, or a list of such lists (different
+    lengths are left-padded); floats, bools and strings are refused with a TypeError. prefill_chunk_size: the
     prompt goes through the model in chunks of this many tokens (default: W with a window, else all at once).
     stop_tokens: a row ends at the first of these; its later positions repeat that stop token, and generation stops
     early once every row has ended. on_token: called with each step's (B,) new tokens, for streaming.
     fast: first lay a CPU model out for fast decoding, in place (packed.py; the same tokens, to fp32 round-off, at
     about twice the speed, and no gradients afterwards: `mt.unpack(model)` undoes it). fast=False leaves it as it is.
+    Every argument is checked before the model runs (inputs.py): a bad one is a TypeError or ValueError naming it.
     """
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    if top_p is not None and not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p must lie in (0, 1], got {top_p}")
+    if not isinstance(model, Transformer):
+        raise TypeError(f"generate() takes a mistral_tutorial Transformer as `model`, got {type(model).__name__}")
+    max_new_tokens = check_int("max_new_tokens", max_new_tokens, 0)
+    check_sampling(temperature, top_k, top_p)
+    seed = check_seed(seed)
+    if prefill_chunk_size is not None:
+        prefill_chunk_size = check_int("prefill_chunk_size", prefill_chunk_size, 1)
+    if on_token is not None and not callable(on_token):
+        raise TypeError(f"on_token must be a function of the step's (B,) tokens, got {type(on_token).__name__}")
     config = model.config
-    tokens, pad = _as_batch(input_ids, model.device)
+    tokens, pad = as_token_batch(input_ids, model.device)
+    stops = as_stop_tokens(stop_tokens, model.device)
     batch, prompt_len = tokens.shape
     if int(tokens.min()) < 0 or int(tokens.max()) >= config.vocab_size:
         bad = tokens[(tokens < 0) | (tokens >= config.vocab_size)].unique()[:5].tolist()
@@ -97,8 +94,6 @@ def generate(
                          f"max_position_embeddings ({config.max_position_embeddings}) of a model without a window")
     if max_new_tokens == 0:
         return tokens.new_empty((batch, 0))
-    if prefill_chunk_size is not None and prefill_chunk_size < 1:
-        raise ValueError(f"prefill_chunk_size must be >= 1 (or None for the default), got {prefill_chunk_size}")
     chunk = prefill_chunk_size or config.sliding_window or prompt_len
 
     if fast:
@@ -113,7 +108,6 @@ def generate(
     for start in range(0, prompt_len, chunk):
         logits = model(tokens[:, start:start + chunk], cache=cache, last_only=True)         # (B, 1, vocab)
 
-    stops = torch.as_tensor([] if stop_tokens is None else stop_tokens, dtype=torch.long, device=model.device).flatten()
     finished = torch.zeros(batch, dtype=torch.bool, device=model.device)
     out = torch.empty((batch, max_new_tokens), dtype=torch.long, device=model.device)
     for step in range(max_new_tokens):

@@ -54,6 +54,10 @@ class Transformer(nn.Module):
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
+        if not isinstance(config, ModelConfig):
+            raise TypeError(f"Transformer takes a mt.ModelConfig, got {type(config).__name__}: build one with "
+                            f"mt.ModelConfig(...), ModelConfig.from_hf(config.json or a transformers config) or "
+                            f"ModelConfig.from_params(params.json)")
         config.validate()
         self.config = config
         self.tok_embeddings = TokenEmbedding(config.vocab_size, config.dim)
@@ -62,7 +66,7 @@ class Transformer(nn.Module):
         self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
-        self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta)
+        self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling)
 
     # -----------------------------------------------------------------------------------------------------------------
     @property
@@ -165,8 +169,15 @@ class Transformer(nn.Module):
         return (logits, hidden) if return_hidden_states else logits
 
     def _check_tokens(self, tokens: torch.Tensor, cache: KVCache | None) -> None:
+        """Integer (B, T) token ids that fit the positions; the vocabulary range is checked by the embedding."""
+        if isinstance(tokens, str):
+            raise TypeError(f"tokens must be token ids, got the string {tokens[:40]!r}: tokenize first, e.g. "
+                            f"torch.tensor([tokenizer.encode(text)])")
         if not isinstance(tokens, torch.Tensor):
             raise TypeError(f"tokens must be a torch.Tensor of shape (B, T), got {type(tokens).__name__}")
+        if tokens.dtype == torch.bool or tokens.is_floating_point() or tokens.is_complex():
+            raise TypeError(f"tokens must hold integer token ids (torch.long), got a {tokens.dtype} tensor: "
+                            f"convert with tokens.long() only if the values are whole token ids")
         if tokens.dim() != 2:
             raise ValueError(f"tokens must have shape (batch, seq_len), got {tuple(tokens.shape)}; "
                              f"for one sequence use tokens[None]")

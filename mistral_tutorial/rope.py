@@ -3,17 +3,92 @@ between the reference implementation's interleaved layout and transformers'.
 
 Each pair of dimensions (d, d + D/2) of a query or key at position m is rotated by the angle m * theta_d, with
 theta_d = base^(-2d/D). A rotation by m then by -n leaves q_m . k_n depending on m - n only.
+
+Two ways of stretching RoPE to longer contexts, as transformers implements them, change the theta_d and nothing else:
+"linear" (position interpolation, Chen et al. 2023) and "llama3" (Llama 3.1). Dynamic NTK, YaRN and LongRoPE are left
+out: a config asking for them is refused (config.py).
 """
 
 from __future__ import annotations
 
+import math
+from typing import Any
+
 import torch
+
+from .errors import ConfigError
+
+# rope_type -> the fields its `rope_scaling` dict must hold (besides "rope_type")
+ROPE_SCALING_FIELDS: dict[str, tuple[str, ...]] = {
+    "linear": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+}
 
 
 def rope_frequencies(head_dim: int, theta: float = 10000.0, device: torch.device | str | None = None) -> torch.Tensor:
     """theta_d = base^(-2d / D) for d = 0 .. D/2 - 1: (D/2,) fp32, computed exactly as transformers does."""
     # RoFormer eq. (15): Theta = {theta_i = 10000^(-2(i-1)/d), i in [1, 2, ..., d/2]}
     return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim))
+
+
+def check_rope_scaling(scaling: Any) -> dict[str, Any] | None:
+    """None, or a validated copy of a `rope_scaling` dict: {"rope_type": "linear" | "llama3", <its fields>}.
+
+    Raises ConfigError naming the field and its value. Numbers come back as float, original_max_position_embeddings
+    as int, so that equal settings compare equal.
+    """
+    if scaling is None:
+        return None
+    if not isinstance(scaling, dict):
+        raise ConfigError(f"rope_scaling must be None or a dict such as {{'rope_type': 'linear', 'factor': 2.0}}, "
+                          f"got {type(scaling).__name__} {scaling!r}")
+    rope_type = scaling.get("rope_type")
+    if rope_type not in ROPE_SCALING_FIELDS:
+        raise ConfigError(f"rope_scaling rope_type={rope_type!r} is not implemented: this library implements "
+                          f"{sorted(ROPE_SCALING_FIELDS)} (or None for plain RoPE)")
+    fields = ROPE_SCALING_FIELDS[rope_type]
+    missing = [f for f in fields if f not in scaling]
+    extra = sorted(set(scaling) - set(fields) - {"rope_type"})
+    if missing or extra:
+        raise ConfigError(f"rope_scaling of rope_type {rope_type!r} needs exactly the fields {list(fields)}; "
+                          f"missing {missing}, unknown {extra}: {scaling!r}")
+    checked: dict[str, Any] = {"rope_type": rope_type}
+    for name in fields:
+        value = scaling[name]
+        if name == "original_max_position_embeddings":
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ConfigError(f"rope_scaling {name} must be a positive int, got {value!r}")
+            checked[name] = value
+            continue
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value <= 0:
+            raise ConfigError(f"rope_scaling {name} must be a finite number > 0, got {value!r}")
+        checked[name] = float(value)
+    if rope_type == "llama3" and not checked["high_freq_factor"] > checked["low_freq_factor"]:
+        raise ConfigError(f"rope_scaling high_freq_factor ({checked['high_freq_factor']}) must exceed "
+                          f"low_freq_factor ({checked['low_freq_factor']}): they bound the band that is blended")
+    return checked
+
+
+def scale_frequencies(inv_freq: torch.Tensor, scaling: dict[str, Any] | None) -> torch.Tensor:
+    """theta_d (D/2,) -> the theta_d a `rope_scaling` (see `check_rope_scaling`) asks for; unchanged when None."""
+    if scaling is None:
+        return inv_freq
+    factor = scaling["factor"]
+    if scaling["rope_type"] == "linear":
+        # Position interpolation (Chen et al. 2023): position m -> m / s, i.e. m (theta_d / s)
+        return inv_freq / factor
+    # Llama 3.1: with the pre-training context L and wavelengths lambda_d = 2 pi / theta_d,
+    #   lambda_d < L / high_freq_factor:  theta_d            (high frequencies: unchanged)
+    #   lambda_d > L / low_freq_factor:   theta_d / s        (low frequencies: interpolated, as "linear")
+    #   otherwise: (1 - g) theta_d / s + g theta_d, with g = (L / lambda_d - low) / (high - low)   (a smooth blend)
+    context = scaling["original_max_position_embeddings"]
+    low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+    wavelength = 2 * math.pi / inv_freq                                         # (D/2,)
+    scaled = torch.where(wavelength > context / low, inv_freq / factor, inv_freq)
+    blend = (context / wavelength - low) / (high - low)                         # (D/2,) g
+    blended = (1 - blend) * scaled / factor + blend * scaled
+    in_between = (wavelength >= context / high) & (wavelength <= context / low)
+    return torch.where(in_between, blended, scaled)
 
 
 def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype = torch.float32
@@ -43,15 +118,18 @@ class RotaryEmbedding(torch.nn.Module):
     """Returns (cos, sin) for given positions; nothing learned.
 
     theta_d is computed once on the CPU in fp32 (as transformers does) and kept in fp32 whatever the model's dtype:
-    it is a plain attribute, not a buffer, so `model.to(torch.bfloat16)` cannot round it.
+    it is a plain attribute, not a buffer, so `model.to(torch.bfloat16)` cannot round it. `scaling`: None for plain
+    RoPE, or a `rope_scaling` dict ("linear" or "llama3", see `check_rope_scaling`).
     """
 
-    def __init__(self, head_dim: int, theta: float = 10000.0) -> None:
+    def __init__(self, head_dim: int, theta: float = 10000.0, scaling: dict[str, Any] | None = None) -> None:
         super().__init__()
         self.head_dim = head_dim
         self.theta = theta
+        self.scaling = check_rope_scaling(scaling)
         with torch.device("cpu"):
-            self.inv_freq = rope_frequencies(head_dim, theta, device="cpu")                 # (D/2,) fp32
+            inv_freq = rope_frequencies(head_dim, theta, device="cpu")                      # (D/2,) fp32
+            self.inv_freq = scale_frequencies(inv_freq, self.scaling)                      # (D/2,) fp32
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
         if self.inv_freq.device != positions.device:
@@ -59,7 +137,7 @@ class RotaryEmbedding(torch.nn.Module):
         return rope_cos_sin(positions, self.inv_freq, dtype)
 
     def extra_repr(self) -> str:
-        return f"head_dim={self.head_dim}, theta={self.theta}"
+        return f"head_dim={self.head_dim}, theta={self.theta}, scaling={self.scaling}"
 
 
 # -------------------------------------------------------------------------------------------------------------------

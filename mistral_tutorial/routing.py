@@ -225,9 +225,8 @@ def route_command(args: argparse.Namespace) -> int:
                else token_strings(tokenizer, ids))
     ax = draw_routed_text([strings[i] for i in shown], experts[shown], model.config.n_experts,
                           title=f"{name}, layer {layer} of {n_layers}: tokens coloured by first-choice expert")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    ax.figure.savefig(out, dpi=110, bbox_inches="tight", metadata={"Software": None})
+    out = Path(args.out).expanduser()                     # the CLI checked it: a .png in a folder that exists
+    ax.figure.savefig(out, format="png", dpi=110, bbox_inches="tight", metadata={"Software": None})
     import matplotlib.pyplot as plt
 
     plt.close(ax.figure)

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from .checkpoint import TensorSource, open_gguf, trim_heap
 from .config import ModelConfig

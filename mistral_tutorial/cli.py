@@ -113,9 +113,7 @@ def _generate(args: argparse.Namespace) -> int:
     if args.sliding_window is not None:
         overrides["sliding_window"] = args.sliding_window if args.sliding_window > 0 else None
     t0 = time.perf_counter()
-    model = load_pretrained(path, dtype=dtype, device=args.device, **overrides)
-    if model.device.type == "cpu":
-        model.optimize_for_decode()          # fused, oneDNN-packed projections: see Transformer.optimize_for_decode
+    model = load_pretrained(path, dtype=dtype, device=args.device, fast=not args.plain, **overrides)
     tokenizer = _Tokenizer(path)
     print(f"loaded {path.name} ({model.num_parameters() / 1e6:.0f} M parameters, {args.dtype}, {args.device}, "
           f"window={model.config.sliding_window}) in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
@@ -136,7 +134,8 @@ def _generate(args: argparse.Namespace) -> int:
 
     start = time.perf_counter()
     ours = generate(model, prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                    top_p=args.top_p, top_k=args.top_k, seed=args.seed, stop_tokens=stops, on_token=stream)
+                    top_p=args.top_p, top_k=args.top_k, seed=args.seed, stop_tokens=stops, on_token=stream,
+                    fast=not args.plain)
     ours_s = time.perf_counter() - start
     print(flush=True)
     ours_ids = ours[0].tolist()
@@ -251,6 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--device", type=check.device, default="cpu")
     gen.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     gen.add_argument("--no-chat", action="store_true", help="feed the prompt raw, without the chat template")
+    gen.add_argument("--plain", action="store_true",
+                     help="keep the plain weights (default on a CPU: the fast decode layout, see packed.py)")
     gen.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-sequence token")
     gen.add_argument("--compare-hf", action="store_true",
                      help="also run transformers on the same weights; print whether tokens agree and both speeds")

@@ -63,10 +63,11 @@ def test_info_unknown_model_is_a_clear_error(tmp_path):
     assert result.returncode != 0 and "no such file" in result.stderr
 
 
-def test_generate_compare_hf_agrees():
+@pytest.mark.parametrize("layout", [[], ["--plain"]], ids=["fast-default", "plain"])
+def test_generate_compare_hf_agrees(layout):
     if not assets.default_model_path().is_file():
         pytest.fail("run `mistral-tutorial fetch` first")
-    result = run_cli("generate", "What is the capital of France?", "--max-new-tokens", "12", "--compare-hf")
+    result = run_cli("generate", "What is the capital of France?", "--max-new-tokens", "12", "--compare-hf", *layout)
     assert result.returncode == 0, result.stderr
     assert "tokens identical" in result.stderr
     assert "Paris" in result.stdout

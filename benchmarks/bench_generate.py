@@ -127,15 +127,9 @@ def main() -> None:
     (RESULTS / f"generate-{args.dtype}.md").write_text(table + "\n")
     print(table)
     if args.update_readme:
-        readme = ROOT / "README.md"
-        text = readme.read_text()
-        start, end = f"<!-- bench:generate-{args.dtype} -->", f"<!-- /bench:generate-{args.dtype} -->"
-        if start in text and end in text:
-            head, rest = text.split(start, 1)
-            _, tail = rest.split(end, 1)
-            readme.write_text(f"{head}{start}\n{table}\n{end}{tail}")
-            print("README.md updated")
+        from readme import update_readme
 
+        update_readme(f"generate-{args.dtype}", table)
 
 if __name__ == "__main__":
     main()

@@ -106,9 +106,13 @@ def measure(kind: str, folder: Path) -> tuple[dict, torch.Tensor]:   # noqa: F82
 
 
 def main() -> None:
+    import torch
+    import transformers
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", choices=SIZES, default="1b")
     parser.add_argument("--kinds", nargs="+", choices=KINDS, default=["ours", "ours-plain", "transformers"])
+    parser.add_argument("--update-readme", action="store_true", help="write the table into README.md")
     parser.add_argument("--child", choices=KINDS, help=argparse.SUPPRESS)
     parser.add_argument("--folder", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--logits", type=Path, help=argparse.SUPPRESS)
@@ -120,21 +124,30 @@ def main() -> None:
     folder = checkpoint(args.size)
     n_bytes = checkpoint_bytes(folder)
     shards = len(list(folder.glob("*.safetensors")))
-    print(f"checkpoint: {folder} ({n_bytes / 1e9:.2f} GB bf16, {shards} shard(s))\n")
-    print("| loader | peak RSS above imports (GB) | / checkpoint bytes | load (s) | load + forward (s) |")
-    print("|---|---:|---:|---:|---:|")
+    lines = [f"| {args.size} Mistral-shaped, bf16, {n_bytes / 1e9:.2f} GB in {shards} shard(s) + index | peak RSS above "
+             f"imports (GB) | / checkpoint bytes | load (s) | load + forward (s) |", "|---|---:|---:|---:|---:|"]
+    print("\n".join(lines), flush=True)
     logits = {}
     for kind in args.kinds:
         report, logits[kind] = measure(kind, folder)
-        print(f"| {KINDS[kind]} | {report['peak_bytes'] / 1e9:.2f} | {report['peak_bytes'] / n_bytes:.2f}x | "
-              f"{report['load_s']:.1f} | {report['total_s']:.1f} |", flush=True)
+        lines.append(f"| {KINDS[kind]} | {report['peak_bytes'] / 1e9:.2f} | {report['peak_bytes'] / n_bytes:.2f}× | "
+                     f"{report['load_s']:.1f} | {report['total_s']:.1f} |")
+        print(lines[-1], flush=True)
     if "transformers" in logits:
+        lines.append("")
         for kind, value in logits.items():
             if kind not in ("transformers", "ours-fp32"):
                 diff = (value - logits["transformers"]).abs().max().item()
                 same = int(value.argmax()) == int(logits["transformers"].argmax())
-                print(f"\n{kind} vs transformers, last-position logits (bf16): max-abs-diff {diff:.3g}, "
-                      f"argmax {'identical' if same else 'DIFFERENT'}")
+                lines.append(f"{kind} vs transformers, last-position logits (bf16): max-abs-diff {diff:.3g}, argmax "
+                             f"{'identical' if same else 'DIFFERENT'}.  ")
+                print(lines[-1])
+    lines.append(f"`python benchmarks/bench_load.py --size {args.size}`, torch {torch.__version__}, transformers "
+                 f"{transformers.__version__}.")
+    if args.update_readme:
+        from readme import update_readme
+
+        update_readme("load", "\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZES = {   # name: (config.json fields over Mistral-7B-v0.1's, shard bytes)
@@ -89,20 +90,25 @@ def child(kind: str, folder: Path, logits_out: Path) -> dict:
     return {"kind": kind, "peak_bytes": (peak_rss_kib() - base) * 1024, "load_s": load_s, "total_s": total_s}
 
 
-def measure(kind: str, folder: Path) -> tuple[dict, torch.Tensor]:   # noqa: F821
-    """Run `child` in a fresh interpreter; returns its report and its logits."""
+def run_child(script: str | Path, kind: str, folder: Path) -> tuple[dict, Any]:
+    """Run `script --child kind --folder folder --out FILE` in a fresh interpreter: its last stdout line (JSON) and
+    what it saved to FILE with torch.save."""
     import tempfile
 
     import torch
 
     with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "logits.pt"
-        done = subprocess.run([sys.executable, __file__, "--child", kind, "--folder", str(folder), "--logits", str(out)],
+        out = Path(tmp) / "result.pt"
+        done = subprocess.run([sys.executable, str(script), "--child", kind, "--folder", str(folder), "--out", str(out)],
                               capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
         if done.returncode != 0:
             raise RuntimeError(f"{kind} failed:\n{done.stderr[-3000:]}")
-        report = json.loads(done.stdout.strip().splitlines()[-1])
-        return report, torch.load(out)
+        return json.loads(done.stdout.strip().splitlines()[-1]), torch.load(out)
+
+
+def measure(kind: str, folder: Path) -> tuple[dict, Any]:
+    """`child` in a fresh interpreter: its report and its last-position logits."""
+    return run_child(__file__, kind, folder)
 
 
 def main() -> None:
@@ -115,10 +121,10 @@ def main() -> None:
     parser.add_argument("--update-readme", action="store_true", help="write the table into README.md")
     parser.add_argument("--child", choices=KINDS, help=argparse.SUPPRESS)
     parser.add_argument("--folder", type=Path, help=argparse.SUPPRESS)
-    parser.add_argument("--logits", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(child(args.child, args.folder, args.logits)))
+        print(json.dumps(child(args.child, args.folder, args.out)))
         return
 
     folder = checkpoint(args.size)

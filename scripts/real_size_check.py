@@ -19,9 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -74,18 +72,6 @@ def child(kind: str, folder: Path, out: Path) -> None:
                       "decode_tok_s": (NEW_TOKENS - 1) / (timings[1] - timings[0]), "step_bytes": step_bytes}))
 
 
-def run(kind: str, folder: Path) -> tuple[dict, dict]:
-    import torch
-
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "result.pt"
-        done = subprocess.run([sys.executable, __file__, "--child", kind, "--folder", str(folder), "--out", str(out)],
-                              capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-        if done.returncode != 0:
-            raise SystemExit(f"{kind} failed:\n{done.stderr[-4000:]}")
-        return json.loads(done.stdout.strip().splitlines()[-1]), torch.load(out)
-
-
 def mixtral_plan() -> None:
     """The loading plan of Mixtral-8x7B-v0.1 from its preset, on the meta device: nothing is read or allocated."""
     from mistral_tutorial import presets
@@ -125,13 +111,13 @@ def main() -> None:
         child(args.child, args.folder, args.out)
         return
     if not args.plan_only:
-        from bench_load import checkpoint, checkpoint_bytes
+        from bench_load import checkpoint, checkpoint_bytes, run_child
 
         folder = checkpoint(args.size)
         n_bytes = checkpoint_bytes(folder)
         print(f"checkpoint: {folder} ({n_bytes / 1e9:.2f} GB bf16, {len(list(folder.glob('*.safetensors')))} "
               f"shards + index)\n")
-        results = {kind: run(kind, folder) for kind in ("ours", "transformers")}
+        results = {kind: run_child(__file__, kind, folder) for kind in ("ours", "transformers")}
         lines = [f"| Mistral-7B-v0.1 shapes, bf16, {n_bytes / 1e9:.2f} GB | peak RSS above imports (GB) | / checkpoint | "
                  f"load (s) | decode (tokens/s) | of the bandwidth limit |", "|---|---:|---:|---:|---:|---:|"]
         for kind, (report, _) in results.items():

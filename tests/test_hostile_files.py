@@ -596,3 +596,32 @@ def test_gguf_rope_scaling_refusals_name_the_field(tmp_path, scaling):
     cfg = tiny_config(sliding_window=None)
     path = write_gguf_file(tmp_path / f"{scaling}.gguf", cfg, gguf_tensors(hf_model(cfg, "llama")), metadata=add)
     refused(path, "llama.rope.scaling")
+
+
+class NotATensor:
+    """A class torch.load(weights_only=True) must refuse to build: a .pth may not run code."""
+
+    def __reduce__(self):
+        return (print, ("a checkpoint ran code",))
+
+
+@pytest.mark.parametrize("content", ["pickle", "list", "nested"])
+def test_pth_that_is_not_a_dict_of_tensors(tmp_path, content, capsys):
+    path = write_checkpoint("ref-pth", tmp_path / "ref")
+    target = path / "consolidated.00.pth"
+    tensors = torch.load(target, weights_only=True)
+    value = {"pickle": {**tensors, "x": NotATensor()}, "list": list(tensors.values()), "nested": {"model": tensors}}
+    torch.save(value[content], target)
+    refused(path, names=target)
+    assert "ran code" not in capsys.readouterr().out
+
+
+def test_duplicate_key_in_a_safetensors_header(tmp_path):
+    # JSON keeps the last of two equal keys: the first tensor's bytes then belong to nothing, which the loader sees
+    path = write_checkpoint("hf", tmp_path / "hf")
+    target = path / "model.safetensors"
+    header = _json_header(target)
+    first, second = list(header)[1:3]
+    text = json.dumps(header).replace(f'"{second}"', f'"{first}"', 1).encode()
+    _with_header(target, text)
+    refused(path, names=target)

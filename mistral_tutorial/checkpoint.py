@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+import math
 import mmap
 import struct
 from collections.abc import Callable, Mapping
@@ -27,6 +28,9 @@ from .errors import CheckpointError
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
                       "BOOL": torch.bool}
+
+MAX_HEADER_BYTES = 100_000_000                    # the safetensors library's own limit
+GGUF_INTEGER_TYPES = {"I8": torch.int8, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64}
 
 
 def drop_pages(address: int, n_bytes: int) -> None:
@@ -76,33 +80,47 @@ class SafetensorsFile:
             if len(head) < 8:
                 raise CheckpointError(f"{path}: not a safetensors file (only {size} bytes)")
             (header_len,) = struct.unpack("<Q", head)
+            if header_len > MAX_HEADER_BYTES:
+                raise CheckpointError(f"{path}: corrupt safetensors header (its length reads {header_len} bytes; the "
+                                      f"format allows {MAX_HEADER_BYTES})")
             if header_len > size - 8:
                 raise CheckpointError(f"{path}: truncated or not safetensors (header of {header_len} bytes, "
                                       f"file of {size})")
             try:
                 header = json.loads(f.read(header_len))
-            except (UnicodeDecodeError, json.JSONDecodeError) as err:
-                raise CheckpointError(f"{path}: corrupt safetensors header ({err})") from None
+            except (ValueError, RecursionError) as err:       # not UTF-8, not JSON, or nested to blow the stack
+                raise CheckpointError(f"{path}: corrupt safetensors header ({type(err).__name__}: "
+                                      f"{str(err)[:200]})") from None
         if not isinstance(header, dict):
             raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
         self.data_start, data_len = 8 + header_len, size - 8 - header_len
         self.infos: dict[str, TensorInfo] = {}
+        ranges: list[tuple[int, int, str]] = []
         for name, entry in header.items():
             if name == "__metadata__":
                 continue
-            try:
-                dtype, shape, (begin, end) = SAFETENSORS_DTYPES[entry["dtype"]], tuple(entry["shape"]), \
-                    entry["data_offsets"]
-                n_bytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-            except (KeyError, TypeError, ValueError):
-                raise CheckpointError(f"{path}: corrupt safetensors header entry for {name!r}: {entry!r}") from None
-            if end - begin != n_bytes or begin < 0:
-                raise CheckpointError(f"{path}: tensor {name} {shape} {entry['dtype']} should take {n_bytes} bytes, "
-                                      f"the header gives [{begin}, {end})")
+            dtype, shape, begin, end = _header_entry(path, name, entry)
+            n_bytes = math.prod(shape) * dtype.itemsize
+            if end - begin != n_bytes:
+                raise CheckpointError(f"{path}: corrupt header: tensor {name} {shape} {entry['dtype']} takes "
+                                      f"{n_bytes} bytes, the header gives [{begin}, {end})")
             if end > data_len:
                 raise CheckpointError(f"{path} is truncated: tensor {name} needs bytes up to {end} of the data, the "
                                       f"file holds {data_len}. Download or write it again.")
             self.infos[name] = TensorInfo(name, shape, dtype, path, self.data_start + begin)
+            ranges.append((begin, end, name))
+        # as the safetensors library requires: the tensors tile the data exactly, in some order, with no gap, no
+        # overlap and nothing after them (a header length off by a few bytes would otherwise shift every tensor)
+        position, previous = 0, "the header"
+        for begin, end, name in sorted(ranges):
+            if begin != position:
+                raise CheckpointError(f"{path}: corrupt header: tensor {name} starts at byte {begin} of the data, "
+                                      f"{'inside' if begin < position else 'after a gap after'} {previous} "
+                                      f"(which ends at {position})")
+            position, previous = end, f"tensor {name}"
+        if position != data_len:
+            raise CheckpointError(f"{path}: corrupt header or trailing bytes: the tensors take {position} bytes, the "
+                                  f"data after the header holds {data_len}")
         self._map: mmap.mmap | None = None
 
     def read(self, name: str) -> torch.Tensor:
@@ -124,6 +142,27 @@ class SafetensorsFile:
             if f.readinto(data.numpy()) != n_bytes:
                 raise CheckpointError(f"{self.path} is truncated: tensor {name} could not be read whole")
         return data.view(info.dtype).view(info.shape)
+
+
+def _header_entry(path: Path, name: str, entry: Any) -> tuple[torch.dtype, tuple[int, ...], int, int]:
+    """(dtype, shape, begin, end) of one safetensors header entry, every field checked for its type."""
+    def is_count(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+    if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= set(entry):
+        raise CheckpointError(f"{path}: corrupt safetensors header entry for {name!r}: {str(entry)[:100]}")
+    dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPES:
+        raise CheckpointError(f"{path}: tensor {name} has dtype {str(dtype)[:40]!r}, which this loader does not read "
+                              f"(it reads {sorted(SAFETENSORS_DTYPES)})")
+    if not isinstance(shape, list) or not all(map(is_count, shape)):
+        raise CheckpointError(f"{path}: corrupt header: tensor {name} has shape {str(shape)[:100]}, not a list of "
+                              f"non-negative ints")
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(map(is_count, offsets)) \
+            or offsets[0] > offsets[1]:
+        raise CheckpointError(f"{path}: corrupt header: tensor {name} has data_offsets {str(offsets)[:100]}, not "
+                              f"[begin, end] with 0 <= begin <= end")
+    return SAFETENSORS_DTYPES[dtype], tuple(shape), offsets[0], offsets[1]
 
 
 def _release_mapped(name: str, tensor: torch.Tensor) -> None:
@@ -187,6 +226,15 @@ def open_gguf(path: Path) -> tuple[dict[str, Any], TensorSource]:
     """A GGUF file's metadata (key -> value) and its tensors, dequantized to fp32 one at a time on read()."""
     import gguf
 
+    with path.open("rb") as f:
+        head = f.read(8)
+    if len(head) < 8 or head[:4] != b"GGUF":
+        raise CheckpointError(f"{path}: not a GGUF file (it starts with {head[:4]!r}, not b'GGUF'), or truncated")
+    version = struct.unpack("<I", head[4:])[0]
+    version = version if version & 0xFFFF else struct.unpack(">I", head[4:])[0]        # a big-endian file
+    if version not in gguf.gguf_reader.READER_SUPPORTED_VERSIONS:
+        raise CheckpointError(f"{path}: GGUF version {version} is not supported (this reader reads versions "
+                              f"{gguf.gguf_reader.READER_SUPPORTED_VERSIONS})")
     try:
         reader = gguf.GGUFReader(str(path))
         metadata = {key: field.contents() for key, field in reader.fields.items()
@@ -194,8 +242,11 @@ def open_gguf(path: Path) -> tuple[dict[str, Any], TensorSource]:
     except Exception as err:   # noqa: BLE001 - a broken file raises struct, numpy or value errors from deep inside
         raise CheckpointError(f"{path}: not a readable GGUF file, or truncated ({type(err).__name__}: {err})") from None
     tensors = {t.name: t for t in reader.tensors}
+    _check_gguf_layout(path, reader)
     infos = {t.name: TensorInfo(t.name, tuple(int(n) for n in reversed(t.shape.tolist())),
-                                torch.float32 if t.tensor_type.name in ("F32", "F16", "BF16") else t.tensor_type.name,
+                                GGUF_INTEGER_TYPES.get(t.tensor_type.name) or (
+                                    torch.float32 if t.tensor_type.name in ("F32", "F16", "BF16", "F64")
+                                    else t.tensor_type.name),
                                 path, int(t.data_offset)) for t in reader.tensors}
 
     def read(name: str) -> torch.Tensor:
@@ -210,3 +261,20 @@ def open_gguf(path: Path) -> tuple[dict[str, Any], TensorSource]:
         drop_pages(tensors[name].data.ctypes.data, tensors[name].data.nbytes)
 
     return metadata, TensorSource(infos, read, f"GGUF file {path}", release=release)
+
+
+def _check_gguf_layout(path: Path, reader: Any) -> None:
+    """The tensors' data as llama.cpp writes it: one after another in the data section, each padded to the file's
+    alignment, with no overlap and nothing after the last. A corrupt offset or type in a tensor info would otherwise
+    read other bytes (a neighbour's, or a shorter quantisation's) without an error."""
+    position, previous, size = int(reader.data_offset), "the start of the data", path.stat().st_size
+    for t in sorted(reader.tensors, key=lambda t: int(t.data_offset)):
+        start = int(t.data_offset)
+        if not position <= start < position + reader.alignment:
+            raise CheckpointError(f"{path}: corrupt tensor info: {t.name} ({t.tensor_type.name}) starts at byte "
+                                  f"{start}, {'inside' if start < position else 'well after'} {previous} (which "
+                                  f"ends at {position}; alignment {reader.alignment})")
+        position, previous = start + int(t.n_bytes), f"tensor {t.name}"
+    if not position <= size < position + reader.alignment:
+        raise CheckpointError(f"{path}: corrupt tensor info or trailing bytes: the tensors end at byte {position}, "
+                              f"the file at {size}")

@@ -128,8 +128,9 @@ def read_json(path: str | Path, what: str) -> Any:
         raise FileNotFoundError(f"no {what} at {path}")
     try:
         return json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise CheckpointConfigError(f"{path}: not a valid JSON {what} ({err})") from None
+    except (ValueError, RecursionError) as err:           # not UTF-8, not JSON, or nested to blow the stack
+        raise CheckpointConfigError(f"{path}: not a valid JSON {what} ({type(err).__name__}: {str(err)[:200]})"
+                                    ) from None
 
 
 def _int(c: dict[str, Any], key: str, source: str, optional: bool = False) -> int | None:

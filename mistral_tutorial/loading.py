@@ -12,6 +12,7 @@ packed.py) before the next is read. So the peak is about the model's own bytes.
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -265,9 +266,12 @@ def _plan(source: TensorSource, fmt: str, config: ModelConfig, expected: dict[st
     if missing:
         problems.insert(0, f"missing tensors the model needs ({len(missing)}): {missing[:8]}"
                            f"{' ...' if len(missing) > 8 else ''}")
-    if unexpected:
-        problems.insert(0, f"unexpected tensors, for which the model has no place ({len(unexpected)}): {sorted(unexpected)[:8]}"
-                           f"{' ...' if len(unexpected) > 8 else ''}")
+    by_file: dict[Path, list[str]] = {}
+    for name in unexpected:
+        by_file.setdefault(source.infos[name].file, []).append(name)
+    for file, names in sorted(by_file.items(), reverse=True):
+        problems.insert(0, f"unexpected tensors in {file}, for which the model has no place ({len(names)}): "
+                           f"{sorted(names)[:8]}{' ...' if len(names) > 8 else ''}")
     if problems:
         raise CheckpointError(f"{source.description} does not fit the model ({config}):\n  " + "\n  ".join(problems))
     return plan
@@ -389,26 +393,48 @@ def from_hf(hf_model: Any, fast: bool = False) -> Transformer:
 def _read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"{path}: not valid JSON ({err})") from None
+    except (OSError, ValueError, RecursionError) as err:        # unreadable, not UTF-8, not JSON, nested too deep
+        raise CheckpointError(f"{path}: not valid JSON ({type(err).__name__}: {str(err)[:200]})") from None
 
 
-def _safetensors_files(folder: Path) -> list[Path]:
-    """The shards of a transformers folder: those its model.safetensors.index.json names, else every *.safetensors."""
+def _safetensors_files(folder: Path) -> tuple[list[Path], dict[str, str] | None]:
+    """The shards of a transformers folder and the index's weight_map: those model.safetensors.index.json names, else
+    every *.safetensors (and None)."""
     index = folder / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = _read_json(index).get("weight_map") if isinstance(_read_json(index), dict) else None
-        if not isinstance(weight_map, dict):
-            raise CheckpointError(f"{index}: has no weight_map")
+        data = _read_json(index)
+        weight_map = data.get("weight_map") if isinstance(data, dict) else None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise CheckpointError(f"{index}: has no weight_map {{tensor name: shard file name}}")
+        outside = sorted(v for v in set(weight_map.values()) if Path(v).name != v or v in ("", ".", ".."))
+        if outside:                  # (not resolved: the hub's cache holds the shards as links to its blobs)
+            raise CheckpointError(f"{index} names shards outside its folder: {outside}")
         files = [folder / f for f in sorted(set(weight_map.values()))]
         absent = [f.name for f in files if not f.is_file()]
         if absent:
             raise CheckpointError(f"{index} names shards that are not there: {absent}")
-        return files
+        return files, weight_map
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise CheckpointError(f"{folder} has config.json but no *.safetensors weights")
-    return files
+    return files, None
+
+
+def _check_index(index: Path, weight_map: dict[str, str], source: TensorSource) -> None:
+    """The index and the shards' headers must agree tensor for tensor: a tensor the index names in a shard that lacks
+    it, or one a shard holds that the index leaves out, means the files do not belong together."""
+    problems = []
+    for name, shard in weight_map.items():
+        info = source.infos.get(name)
+        if info is None:
+            problems.append(f"{name}: the index puts it in {shard}, which lacks it")
+        elif info.file.name != shard:
+            problems.append(f"{name}: the index puts it in {shard}, it is in {info.file.name}")
+    problems += [f"{name}: in {info.file.name}, but not in the index" for name, info in source.infos.items()
+                 if name not in weight_map]
+    if problems:
+        raise CheckpointError(f"{index} does not match its shards ({len(problems)} problems; write the checkpoint "
+                              f"again):\n  " + "\n  ".join(problems[:8]) + ("\n  ..." if len(problems) > 8 else ""))
 
 
 def _gguf_config(metadata: dict[str, Any], source: TensorSource, path: Path) -> ModelConfig:
@@ -424,16 +450,16 @@ def _gguf_config(metadata: dict[str, Any], source: TensorSource, path: Path) -> 
             raise CheckpointError(f"{path}: GGUF metadata lacks llama.{name}")
         return value
 
-    scaling = metadata.get("llama.rope.scaling.type")
-    if scaling not in (None, "none"):
-        raise CheckpointError(f"{path}: GGUF field llama.rope.scaling.type = {scaling!r} is not implemented")
     n_heads, dim = field("attention.head_count"), field("embedding_length")
-    head_dim = metadata.get("llama.attention.key_length") or (dim // n_heads if isinstance(dim, int) else None)
+    if not isinstance(n_heads, int) or n_heads <= 0:
+        raise CheckpointError(f"{path}: GGUF field llama.attention.head_count = {n_heads!r} is not a positive int")
+    head_dim = metadata.get("llama.attention.key_length", dim // n_heads if isinstance(dim, int) else None)
     rotary = metadata.get("llama.rope.dimension_count", head_dim)
     if rotary != head_dim:
         raise CheckpointError(f"{path}: GGUF field llama.rope.dimension_count = {rotary} (partial rotary) is not "
                               f"implemented; head_dim is {head_dim}")
     embedding = source.infos.get("token_embd.weight")
+    rope_scaling = _gguf_rope_scaling(metadata, path)
     try:
         return ModelConfig(
             vocab_size=metadata.get("llama.vocab_size") or (embedding.shape[0] if embedding else 0),
@@ -442,9 +468,41 @@ def _gguf_config(metadata: dict[str, Any], source: TensorSource, path: Path) -> 
             hidden_dim=field("feed_forward_length"), norm_eps=float(field("attention.layer_norm_rms_epsilon")),
             rope_theta=float(field("rope.freq_base", 10000.0)), sliding_window=None,
             max_position_embeddings=field("context_length"), n_experts=field("expert_count", 0),
-            experts_per_token=field("expert_used_count", 2), tie_embeddings="output.weight" not in source.infos)
+            experts_per_token=field("expert_used_count", 2), tie_embeddings="output.weight" not in source.infos,
+            rope_scaling=rope_scaling)
     except (ValueError, TypeError) as err:
         raise CheckpointError(f"{path}: GGUF metadata does not describe a model this library builds: {err}") from None
+
+
+def _gguf_rope_scaling(metadata: dict[str, Any], path: Path) -> dict[str, Any] | None:
+    """ModelConfig.rope_scaling from llama.cpp's `llama.rope.scaling.*` keys, as llama.cpp reads them: a factor
+    (`rope.scaling.factor`, or the older `rope.scale_linear`) with type 'linear' or no type is linear scaling (every
+    frequency divided by the factor). Any other type, or a factor next to type 'none', is refused naming the field."""
+    known = {"llama.rope.scaling.type", "llama.rope.scaling.factor", "llama.rope.scale_linear",
+             "llama.rope.scaling.original_context_length", "llama.rope.scaling.finetuned"}   # the last two: linear ignores
+    other = sorted(k for k in metadata if k.startswith(("llama.rope.scaling.", "llama.rope.scale_")) and k not in known)
+    if other:
+        raise CheckpointError(f"{path}: GGUF rope scaling field(s) {other} are not implemented")
+    kind = metadata.get("llama.rope.scaling.type")
+    key = "llama.rope.scaling.factor" if "llama.rope.scaling.factor" in metadata else "llama.rope.scale_linear"
+    factor = metadata.get(key)
+    if kind not in (None, "none", "linear"):
+        raise CheckpointError(f"{path}: GGUF field llama.rope.scaling.type = {kind!r} is not implemented (this library "
+                              f"implements 'linear' and 'none')")
+    if factor is not None and (not isinstance(factor, (int, float)) or isinstance(factor, bool)
+                               or not math.isfinite(factor) or factor <= 0):
+        raise CheckpointError(f"{path}: GGUF field {key} = {factor!r} is not a finite number > 0")
+    if kind == "none":
+        if factor not in (None, 1.0):
+            raise CheckpointError(f"{path}: GGUF fields llama.rope.scaling.type = 'none' and {key} = {factor} "
+                                  f"contradict each other; remove one")
+        return None
+    if kind == "linear" and factor is None:
+        raise CheckpointError(f"{path}: GGUF field llama.rope.scaling.type = 'linear' comes without "
+                              f"llama.rope.scaling.factor")
+    if factor is None or (kind is None and factor == 1.0):
+        return None
+    return {"rope_type": "linear", "factor": float(factor)}
 
 
 def _checkpoint_dtype(source: TensorSource) -> torch.dtype:
@@ -471,11 +529,14 @@ def load_pretrained(path: str | Path, dtype: torch.dtype | str = torch.float32, 
         metadata, source = open_gguf(path)
         config, fmt = _gguf_config(metadata, source, path), "gguf"
     elif path.is_dir() and (path / "config.json").is_file():
-        config = ModelConfig.from_hf(_read_json(path / "config.json"))
-        source = TensorSource.from_safetensors(_safetensors_files(path), f"transformers checkpoint {path}")
+        config = ModelConfig.from_hf(path / "config.json")                   # its errors name the file
+        files, weight_map = _safetensors_files(path)
+        source = TensorSource.from_safetensors(files, f"transformers checkpoint {path}")
+        if weight_map is not None:
+            _check_index(path / "model.safetensors.index.json", weight_map, source)
         fmt = "hf"
     elif path.is_dir() and (path / "params.json").is_file():
-        config = ModelConfig.from_params(_read_json(path / "params.json"))
+        config = ModelConfig.from_params(path / "params.json")
         if files := sorted(path.glob("consolidated*.safetensors")):
             source = TensorSource.from_safetensors(files, f"reference checkpoint {path}")
         elif files := sorted(path.glob("consolidated*.pth")):

@@ -277,7 +277,7 @@ def test_real_gguf_matches_transformers():
     path = default_model_path()
     if not path.is_file():
         pytest.skip(f"{path} not fetched yet (mistral-tutorial fetch)")
-    ours = mt.Transformer.from_pretrained(path)
+    ours = mt.Transformer.from_pretrained(path, fast=False)      # exact: the fast layout sums in another order
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
                                                            dtype=torch.float32).eval()
     assert ours.config == mt.ModelConfig.from_hf(hf.config)

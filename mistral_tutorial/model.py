@@ -63,6 +63,7 @@ class Transformer(nn.Module):
         if config.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
         self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta)
+        self.parallelism = None       # this rank's share when loaded with parallel=... (see parallel.py)
 
     # -----------------------------------------------------------------------------------------------------------------
     @property
@@ -112,9 +113,13 @@ class Transformer(nn.Module):
         return [layer.feed_forward.last_experts for layer in self.layers]
 
     def new_cache(self, batch_size: int, max_len: int, pad: torch.Tensor | list[int] | None = None) -> KVCache:
-        """An empty KV cache for this model: W slots per layer with a window, else `max_len`."""
+        """An empty KV cache for this model: W slots per layer with a window, else `max_len`.
+
+        It holds the kv heads the attention layers hold: all of them, or this rank's under tensor parallelism.
+        """
         c = self.config
-        return KVCache(c.n_layers, batch_size, c.n_kv_heads, c.head_dim, c.sliding_window, max_len,
+        n_kv_heads = self.layers[0].attention.n_kv_heads if len(self.layers) else c.n_kv_heads
+        return KVCache(c.n_layers, batch_size, n_kv_heads, c.head_dim, c.sliding_window, max_len,
                        dtype=self.dtype, device=self.device, pad=pad)
 
     # -----------------------------------------------------------------------------------------------------------------
@@ -180,24 +185,28 @@ class Transformer(nn.Module):
 
     # -----------------------------------------------------------------------------------------------------------------
     @classmethod
-    def from_hf(cls, hf_model: nn.Module, fast: bool = False) -> Transformer:
+    def from_hf(cls, hf_model: nn.Module, fast: bool = False, parallel: str | None = None) -> Transformer:
         """Build from a transformers Mistral/Mixtral/Llama *ForCausalLM instance, copying its weights.
 
         fast=True lays the copy out for fast CPU decoding at once (packed.py); `generate` does so anyway by default.
+        parallel: 'expert' or 'tensor' copies only this rank's share (see from_pretrained).
         """
         from .loading import from_hf
 
-        return from_hf(hf_model, fast=fast)
+        return from_hf(hf_model, fast=fast, parallel=parallel)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: torch.dtype | str = torch.float32, device: str = "cpu",
-                        fast: bool = True, **overrides: Any) -> Transformer:
+                        fast: bool = True, parallel: str | None = None, **overrides: Any) -> Transformer:
         """Stream a transformers checkpoint dir, a mistral reference folder or a .gguf file into a model.
 
         dtype: the model's, or "auto" for the checkpoint's own. fast (default): the fast decode layout on a CPU
         (packed.py: no gradients; fast=False for plain, trainable weights). `overrides` change config fields (e.g.
         sliding_window=32) before the weights are loaded.
+        parallel: with torch.distributed initialised (e.g. under torchrun), 'expert' (E/N experts per rank, MoE
+        models) or 'tensor' (heads, FFN width and vocabulary split over the ranks): each rank reads and holds only
+        its share, and every rank computes the same logits as one process (see parallel.py).
         """
         from .loading import load_pretrained
 
-        return load_pretrained(path, dtype=dtype, device=device, fast=fast, **overrides)
+        return load_pretrained(path, dtype=dtype, device=device, fast=fast, parallel=parallel, **overrides)

@@ -1,0 +1,165 @@
+"""Expert and tensor parallelism (parallel.py) on N = 2 and 4 CPU processes with gloo, held to the one-process model.
+
+One `torch.multiprocessing.spawn` per N runs every case (tests/parallel_worker.py); the reference is the plain
+single-process `Transformer.from_pretrained(folder, fast=False)` on the same checkpoint, itself held to transformers
+by test_streaming.py. Checks: logits (no cache; left-padded prefill through the sharded cache; one decoding step)
+within 1e-4, greedy tokens identical on every rank, the cache holding each rank's kv heads, and the accounting
+(parameter bytes, bytes sent per step) against parallel_costs' formulas.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from conftest import max_abs_diff, report
+from parallel_worker import observe
+
+import mistral_tutorial as mt
+from mistral_tutorial.export import write_random_checkpoint
+from mistral_tutorial.parallel import Parallelism, check_parallel
+from mistral_tutorial.parallel_costs import rank_parameter_bytes, step_traffic
+
+MIXTRAL = dict(model_type="mixtral", vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, intermediate_size=96, num_local_experts=4, num_experts_per_tok=2,
+               max_position_embeddings=256, rms_norm_eps=1e-5, rope_theta=10000.0)
+# Mistral with a window of 4, shorter than the prompts (10 tokens): the rolling cache wraps during the prefill
+MISTRAL = dict(model_type="mistral", vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, intermediate_size=96, sliding_window=4, max_position_embeddings=256,
+               rms_norm_eps=1e-5, rope_theta=10000.0)
+CASES = [("mixtral", "expert"), ("mixtral", "tensor"), ("mistral", "tensor")]
+TOLERANCE = 1e-4
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("parallel")
+    return {name: str(write_random_checkpoint(root / name, config, dtype=torch.float32, std=0.1))
+            for name, config in (("mixtral", MIXTRAL), ("mistral", MISTRAL))}
+
+
+@pytest.fixture(scope="module")
+def reference(checkpoints) -> dict[str, dict]:
+    """The single-process model's observations, per checkpoint."""
+    return {name: observe(mt.Transformer.from_pretrained(path, fast=False)) for name, path in checkpoints.items()}
+
+
+@pytest.fixture(scope="module", params=[2, 4], ids=lambda n: f"N={n}")
+def ranks(request, checkpoints, tmp_path_factory) -> tuple[int, list[dict]]:
+    """(N, each rank's observations of every case), from one spawn of N processes."""
+    n = request.param
+    folder = tmp_path_factory.mktemp(f"ranks{n}")
+    cases = [(name, checkpoints[name], mode) for name, mode in CASES]
+    start = time.perf_counter()
+    mp.spawn(__import__("parallel_worker").run, args=(n, cases, str(folder)), nprocs=n, join=True)
+    print(f"[parallel] N={n}: {len(CASES)} cases in {time.perf_counter() - start:.1f} s")
+    return n, [torch.load(folder / f"rank{r}.pt") for r in range(n)]
+
+
+def config_of(name: str) -> mt.ModelConfig:
+    return mt.ModelConfig.from_hf(MIXTRAL if name == "mixtral" else MISTRAL)
+
+
+@pytest.mark.parametrize("name,mode", CASES, ids=[f"{n}-{m}" for n, m in CASES])
+def test_logits_equal_one_process(ranks, reference, name, mode):
+    n, results = ranks
+    for rank, result in enumerate(results):
+        got = result[(name, mode)]
+        for what in ("logits", "prefill", "step"):
+            diff = max_abs_diff(got[what], reference[name][what])
+            if rank == 0:
+                report(f"{name} {mode}-parallel N={n} {what}", diff)
+            assert diff < TOLERANCE, f"{name} {mode} N={n} rank {rank}: {what} differ by {diff:.2e}"
+
+
+@pytest.mark.parametrize("name,mode", CASES, ids=[f"{n}-{m}" for n, m in CASES])
+def test_greedy_tokens_identical_on_every_rank(ranks, reference, name, mode):
+    n, results = ranks
+    want = reference[name]["tokens"]
+    assert want.shape == (3, 8)
+    for rank, result in enumerate(results):
+        assert torch.equal(result[(name, mode)]["tokens"], want), f"{name} {mode} N={n} rank {rank}"
+    if name == "mixtral":                                   # the same routing too (the router is replicated)
+        for result in results:
+            for got, ref in zip(result[(name, mode)]["routing"], reference[name]["routing"]):
+                assert torch.equal(got, ref)
+
+
+@pytest.mark.parametrize("name,mode", CASES, ids=[f"{n}-{m}" for n, m in CASES])
+def test_cache_and_parameters_are_this_ranks_share(ranks, reference, name, mode):
+    n, results = ranks
+    config = config_of(name)
+    kv_heads = config.n_kv_heads if mode == "expert" else max(config.n_kv_heads // n, 1)   # replicated if N > Hkv
+    want = rank_parameter_bytes(config, mode, n, dtype_bytes=4)
+    assert want["one_process"] == reference[name]["bytes"]                       # the formula, on one process
+    for result in results:
+        got = result[(name, mode)]
+        slots = min(config.sliding_window or 14, 14)                              # the rolling buffer: W slots
+        assert got["cache_shape"] == (config.n_layers, 3, kv_heads, slots, config.head_dim)
+        assert got["bytes"] == want["rank"]
+    assert want["rank"] < reference[name]["bytes"]
+    assert want["sharded"] * n >= (want["one_process"] - want["replicated"])    # the shares cover the model
+
+
+@pytest.mark.parametrize("name,mode", CASES, ids=[f"{n}-{m}" for n, m in CASES])
+def test_bytes_sent_per_step_match_the_formula(ranks, reference, name, mode):
+    n, results = ranks
+    config = config_of(name)
+    routing = reference[name]["routing"]                   # the one-process routing of the decoding step
+    for rank, result in enumerate(results):
+        want = step_traffic(config, mode, n, n_tokens=3, dtype_bytes=4, routing=routing, rank=rank)
+        assert result[(name, mode)]["traffic"] == pytest.approx(want), f"rank {rank}"
+    if mode == "tensor":                                    # 2 all-reduces of (3, 64) fp32 per layer + the logits
+        ring = 2 * (n - 1) / n
+        assert want["all_reduce"] == config.n_layers * 2 * ring * 3 * 64 * 4
+
+
+def test_uniform_routing_estimate_is_the_mean_over_ranks():
+    config = config_of("mixtral")
+    g = torch.Generator().manual_seed(0)
+    routing = [torch.stack([torch.randperm(4, generator=g)[:2] for _ in range(4000)]) for _ in range(2)]
+    exact = [step_traffic(config, "expert", 2, 4000, 4, routing, rank)["all_to_all"] for rank in range(2)]
+    mean = step_traffic(config, "expert", 2, 4000, 4)["all_to_all"]
+    assert sum(exact) / 2 == pytest.approx(mean, rel=0.03)
+
+
+def test_mixtral_8x7b_per_rank_bytes():
+    """Mixtral-8x7B in bf16: 93.4 GB on one process; 8 ranks hold ~1/8 of it each, plus what is replicated."""
+    config = mt.presets.mixtral_8x7b_v0_1()
+    with torch.device("meta"):
+        params = mt.Transformer(config).num_parameters()
+    one = rank_parameter_bytes(config, None, 1)["rank"]
+    assert one == 2 * params
+    experts = config.n_layers * 3 * config.dim * config.hidden_dim * config.n_experts
+    for n in (2, 4, 8):
+        ep = rank_parameter_bytes(config, "expert", n)
+        assert ep["rank"] == 2 * (params - experts + experts // n)
+        tp = rank_parameter_bytes(config, "tensor", n)
+        assert one / n < tp["rank"] < one / n + 2 * 0.3e9           # the embedding (0.13 B) stays whole
+    assert rank_parameter_bytes(config, "expert", 8)["rank"] / 1e9 == pytest.approx(14.5, abs=0.1)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("config,mode,n,words", [
+    (dict(n_experts=8), "expert", 3, "3 ranks cannot share 8 experts"),
+    (dict(n_experts=0), "expert", 2, "needs an MoE model"),
+    (dict(n_heads=6, n_kv_heads=3, hidden_dim=96), "tensor", 2, "3 kv heads"),
+    (dict(n_heads=6, n_kv_heads=2, hidden_dim=96), "tensor", 4, "cannot share 6 attention heads"),
+    (dict(hidden_dim=90), "tensor", 4, "FFN width 90"),
+    (dict(), "pipeline", 2, "one of ('expert', 'tensor')"),
+])
+def test_sizes_that_do_not_divide_are_refused(config, mode, n, words):
+    fields = dict(vocab_size=128, dim=48, n_layers=1, n_heads=4, n_kv_heads=2, hidden_dim=96, sliding_window=None)
+    with pytest.raises(ValueError, match=words.replace("(", r"\(").replace(")", r"\)")):
+        check_parallel(mt.ModelConfig(**{**fields, **config}), mode, n)
+
+
+def test_parallel_without_torch_distributed_says_how_to_launch(checkpoints):
+    start = time.perf_counter()
+    with pytest.raises(RuntimeError, match="torchrun --nproc-per-node"):
+        mt.Transformer.from_pretrained(checkpoints["mixtral"], parallel="expert")
+    with pytest.raises(ValueError, match="parallel must be one of"):
+        Parallelism.current("data")
+    assert time.perf_counter() - start < 1

@@ -9,6 +9,7 @@ transformers), colour text by expert.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -100,8 +101,16 @@ def _generate(args: argparse.Namespace) -> int:
     overrides: dict[str, Any] = {}
     if args.sliding_window is not None:
         overrides["sliding_window"] = args.sliding_window if args.sliding_window > 0 else None
+    if args.parallel:                        # under torchrun: every rank loads its share and decodes; rank 0 prints
+        from .parallel import init_from_torchrun
+
+        if args.compare_hf:
+            raise SystemExit("error: --compare-hf runs in one process; drop --parallel to compare with transformers")
+        args.device = init_from_torchrun(args.device)
+        if torch.distributed.get_rank() != 0:
+            sys.stdout = sys.stderr = open(os.devnull, "w")   # noqa: SIM115 - for the life of this rank
     t0 = time.perf_counter()
-    model = load_pretrained(path, dtype=dtype, device=args.device, **overrides)
+    model = load_pretrained(path, dtype=dtype, device=args.device, parallel=args.parallel, **overrides)
     if model.device.type == "cpu":
         model.optimize_for_decode()          # fused, oneDNN-packed projections: see Transformer.optimize_for_decode
     tokenizer = _Tokenizer(path)
@@ -234,6 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-sequence token")
     gen.add_argument("--compare-hf", action="store_true",
                      help="also run transformers on the same weights; print whether tokens agree and both speeds")
+    gen.add_argument("--parallel", choices=["expert", "tensor"], default=None,
+                     help="under torchrun --nproc-per-node N: expert or tensor parallelism over the N processes")
     gen.set_defaults(func=_generate)
 
     route = sub.add_parser("route", help="draw text coloured by first-choice expert (Mixtral Fig 8)")

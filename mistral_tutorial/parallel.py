@@ -355,3 +355,19 @@ class ExpertParallelMoe(nn.Module):
             self.last_router_logits, self.last_experts, self.last_weights = router_logits, experts, weights
             self.last_sent = send_rows
         return out.reshape(shape)
+
+
+def init_from_torchrun(device: str = "cpu") -> str:
+    """Join the process group that `torchrun` describes (its RANK, WORLD_SIZE, MASTER_ADDR... variables): gloo on
+    CPUs, NCCL with one GPU per rank. Returns this rank's device ('cpu', or 'cuda:<LOCAL_RANK>' for device 'cuda')."""
+    import os
+
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        raise RuntimeError("--parallel runs under torchrun, one process per rank: "
+                           "torchrun --nproc-per-node N -m mistral_tutorial.cli generate ... --parallel tensor")
+    if device.startswith("cuda"):
+        device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return device

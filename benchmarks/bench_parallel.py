@@ -5,8 +5,9 @@ torch.multiprocessing (gloo on the CPU; NCCL, one GPU per rank, with --nccl when
 `parallel=mode`, checks its greedy tokens against one process, and times greedy decoding of a batch. Prints tokens/s,
 milliseconds per step, the collectives per step and the bytes each rank sends per step (parallel_costs.py).
 
-On this project's 2-core machines N > 1 cannot be faster (the ranks share two cores): what the table shows is the
-cost of communication, a few collectives per layer per token, each a fixed latency on gloo. On GPUs with NCCL the
+Each process uses --threads threads (default 1), so N processes use N cores: on this project's 2-core machines N = 2
+uses both cores and N = 4 oversubscribes them; what the table shows beyond that is the cost of communication, a few
+collectives per layer per token, each a fixed latency on gloo. On GPUs with NCCL the
 ranks are real devices, and a model too large for one of them fits.
 
     python benchmarks/bench_parallel.py                  # N = 1, 2, 4 on the CPU (gloo), a ~50 M parameter Mixtral
@@ -70,7 +71,7 @@ def rank_main(rank: int, world_size: int, mode: str, folder: str, args: argparse
     if args.nccl:
         torch.cuda.set_device(rank)
     else:
-        torch.set_num_threads(max(1, args.threads // world_size))
+        torch.set_num_threads(args.threads)
     dist.init_process_group(backend, init_method=f"file://{out}.rendezvous", rank=rank, world_size=world_size,
                             timeout=timedelta(seconds=300))
     model = mt.Transformer.from_pretrained(folder, device=device, parallel=mode)
@@ -97,7 +98,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--prompt", type=int, default=16)
     parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="CPU threads shared by the ranks")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="CPU threads per process (default 1: on a busy machine OpenMP threads spin-wait)")
     parser.add_argument("--nccl", action="store_true", help="NCCL, one GPU per rank (needs N GPUs)")
     parser.add_argument("--quick", action="store_true", help="a tiny model, N = 1, 2")
     args = parser.parse_args()
@@ -135,7 +137,8 @@ def main() -> None:
     backend = "nccl" if args.nccl else "gloo"
     header = (f"Mixtral-shaped, dim {args.dim}, hidden {args.hidden}, {args.layers} layers, 8 experts top-2, "
               f"vocab {args.vocab}, fp32; batch {args.batch}, prompt {args.prompt}, {args.new_tokens} new tokens; "
-              f"{backend} on {platform.processor() or platform.machine()}, {args.threads} threads shared")
+              f"{backend} on {platform.processor() or platform.machine()} ({os.cpu_count()} cores), "
+              f"{args.threads} thread(s) per process")
     lines = [header, "", "| mode | N | tokens/s | ms/step | collectives/step | bytes sent/step (rank 0) | "
              "MB of weights per rank | tokens = one process |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:

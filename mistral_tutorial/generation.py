@@ -85,6 +85,9 @@ def generate(
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     if top_p is not None and not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p must lie in (0, 1], got {top_p}")
+    if temperature > 0 and seed is None and getattr(model, "parallelism", None) is not None:
+        raise ValueError("sampling on a parallel model needs a seed: every rank samples on its own, and only the same "
+                         "seed gives every rank the same token (pass seed=...)")
     config = model.config
     tokens, pad = _as_batch(input_ids, model.device)
     batch, prompt_len = tokens.shape

@@ -11,6 +11,9 @@ Every rank so computes the logits of one process (to fp32 round-off), and `gener
 
 Built by `Transformer.from_pretrained(path, parallel=...)`: the loader builds the model on `meta`, `shard_modules`
 swaps in this rank's modules, and `take` cuts each checkpoint tensor to this rank's rows or columns before it is read.
+The collectives are written out (all_reduce, all_to_all_single, all_gather on a process group) rather than left to
+DTensor's `parallelize_module`, so each equation sits above its line; Megatron's kv-head replication and the
+expert all-to-all have no built-in style there anyway.
 Left out: training (the collectives here carry no gradients), pipeline parallelism, data-parallel attention under
 expert parallelism, capacity limits, overlapping communication with compute.
 """

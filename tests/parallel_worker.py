@@ -44,6 +44,7 @@ def observe(model: mt.Transformer) -> dict:
     out["cache_shape"] = tuple(cache.keys.shape)
     out["routing"] = model.chosen_experts() if model.config.is_moe else None       # of the decoding step
     out["tokens"] = mt.generate(model, prompts, max_new_tokens=NEW_TOKENS)          # packs the rank's weights
+    out["sampled"] = mt.generate(model, prompts, max_new_tokens=NEW_TOKENS, temperature=1.0, seed=0)
     return out
 
 
@@ -54,7 +55,13 @@ def run(rank: int, world_size: int, cases: list[tuple[str, str, str]], folder: s
                             timeout=timedelta(seconds=120))
     results = {}
     for name, checkpoint, mode in cases:
-        model = mt.Transformer.from_pretrained(checkpoint, fast=False, parallel=mode)
+        if name.endswith("from_hf"):                   # a transformers model in memory, copied rank by rank
+            from mistral_tutorial.loading import to_hf
+
+            hf = to_hf(mt.Transformer.from_pretrained(checkpoint, fast=False))
+            model = mt.Transformer.from_hf(hf, parallel=mode)
+        else:
+            model = mt.Transformer.from_pretrained(checkpoint, fast=False, parallel=mode)
         results[(name, mode)] = observe(model)
     torch.save(results, Path(folder) / f"rank{rank}.pt")
     dist.barrier()

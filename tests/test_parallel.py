@@ -29,7 +29,9 @@ MIXTRAL = dict(model_type="mixtral", vocab_size=128, hidden_size=64, num_hidden_
 MISTRAL = dict(model_type="mistral", vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                num_key_value_heads=2, intermediate_size=96, sliding_window=4, max_position_embeddings=256,
                rms_norm_eps=1e-5, rope_theta=10000.0)
-CASES = [("mixtral", "expert"), ("mixtral", "tensor"), ("mistral", "tensor")]
+# "mixtral-from_hf": the same Mixtral as a transformers model in memory (fused gate_up experts), via from_hf
+CASES = [("mixtral", "expert"), ("mixtral", "tensor"), ("mistral", "tensor"), ("mixtral-from_hf", "expert"),
+         ("mixtral-from_hf", "tensor")]
 TOLERANCE = 1e-4
 
 
@@ -51,15 +53,20 @@ def ranks(request, checkpoints, tmp_path_factory) -> tuple[int, list[dict]]:
     """(N, each rank's observations of every case), from one spawn of N processes."""
     n = request.param
     folder = tmp_path_factory.mktemp(f"ranks{n}")
-    cases = [(name, checkpoints[name], mode) for name, mode in CASES]
+    cases = [(name, checkpoints[base(name)], mode) for name, mode in CASES]
     start = time.perf_counter()
     mp.spawn(__import__("parallel_worker").run, args=(n, cases, str(folder)), nprocs=n, join=True)
     print(f"[parallel] N={n}: {len(CASES)} cases in {time.perf_counter() - start:.1f} s")
     return n, [torch.load(folder / f"rank{r}.pt") for r in range(n)]
 
 
+def base(name: str) -> str:
+    """The checkpoint of a case: 'mixtral-from_hf' -> 'mixtral'."""
+    return name.split("-")[0]
+
+
 def config_of(name: str) -> mt.ModelConfig:
-    return mt.ModelConfig.from_hf(MIXTRAL if name == "mixtral" else MISTRAL)
+    return mt.ModelConfig.from_hf(MIXTRAL if base(name) == "mixtral" else MISTRAL)
 
 
 @pytest.mark.parametrize("name,mode", CASES, ids=[f"{n}-{m}" for n, m in CASES])
@@ -68,7 +75,7 @@ def test_logits_equal_one_process(ranks, reference, name, mode):
     for rank, result in enumerate(results):
         got = result[(name, mode)]
         for what in ("logits", "prefill", "step"):
-            diff = max_abs_diff(got[what], reference[name][what])
+            diff = max_abs_diff(got[what], reference[base(name)][what])
             if rank == 0:
                 report(f"{name} {mode}-parallel N={n} {what}", diff)
             assert diff < TOLERANCE, f"{name} {mode} N={n} rank {rank}: {what} differ by {diff:.2e}"
@@ -77,13 +84,15 @@ def test_logits_equal_one_process(ranks, reference, name, mode):
 @pytest.mark.parametrize("name,mode", CASES, ids=[f"{n}-{m}" for n, m in CASES])
 def test_greedy_tokens_identical_on_every_rank(ranks, reference, name, mode):
     n, results = ranks
-    want = reference[name]["tokens"]
+    want = reference[base(name)]["tokens"]
     assert want.shape == (3, 8)
     for rank, result in enumerate(results):
         assert torch.equal(result[(name, mode)]["tokens"], want), f"{name} {mode} N={n} rank {rank}"
-    if name == "mixtral":                                   # the same routing too (the router is replicated)
+    for result in results:                                  # sampling with a seed: the same token on every rank
+        assert torch.equal(result[(name, mode)]["sampled"], results[0][(name, mode)]["sampled"])
+    if base(name) == "mixtral":                             # the same routing too (the router is replicated)
         for result in results:
-            for got, ref in zip(result[(name, mode)]["routing"], reference[name]["routing"]):
+            for got, ref in zip(result[(name, mode)]["routing"], reference[base(name)]["routing"]):
                 assert torch.equal(got, ref)
 
 
@@ -93,13 +102,13 @@ def test_cache_and_parameters_are_this_ranks_share(ranks, reference, name, mode)
     config = config_of(name)
     kv_heads = config.n_kv_heads if mode == "expert" else max(config.n_kv_heads // n, 1)   # replicated if N > Hkv
     want = rank_parameter_bytes(config, mode, n, dtype_bytes=4)
-    assert want["one_process"] == reference[name]["bytes"]                       # the formula, on one process
+    assert want["one_process"] == reference[base(name)]["bytes"]                       # the formula, on one process
     for result in results:
         got = result[(name, mode)]
         slots = min(config.sliding_window or 14, 14)                              # the rolling buffer: W slots
         assert got["cache_shape"] == (config.n_layers, 3, kv_heads, slots, config.head_dim)
         assert got["bytes"] == want["rank"]
-    assert want["rank"] < reference[name]["bytes"]
+    assert want["rank"] < reference[base(name)]["bytes"]
     assert want["sharded"] * n >= (want["one_process"] - want["replicated"])    # the shares cover the model
 
 
@@ -107,7 +116,7 @@ def test_cache_and_parameters_are_this_ranks_share(ranks, reference, name, mode)
 def test_bytes_sent_per_step_match_the_formula(ranks, reference, name, mode):
     n, results = ranks
     config = config_of(name)
-    routing = reference[name]["routing"]                   # the one-process routing of the decoding step
+    routing = reference[base(name)]["routing"]                   # the one-process routing of the decoding step
     for rank, result in enumerate(results):
         want = step_traffic(config, mode, n, n_tokens=3, dtype_bytes=4, routing=routing, rank=rank)
         assert result[(name, mode)]["traffic"] == pytest.approx(want), f"rank {rank}"
@@ -163,3 +172,10 @@ def test_parallel_without_torch_distributed_says_how_to_launch(checkpoints):
     with pytest.raises(ValueError, match="parallel must be one of"):
         Parallelism.current("data")
     assert time.perf_counter() - start < 1
+
+
+def test_sampling_on_a_parallel_model_needs_a_seed(checkpoints):
+    model = mt.Transformer.from_pretrained(checkpoints["mistral"], fast=False)
+    model.parallelism = Parallelism("tensor", 0, 2)          # as parallel.py marks a rank's share
+    with pytest.raises(ValueError, match="needs a seed"):
+        mt.generate(model, [[1, 2, 3]], max_new_tokens=2, temperature=0.7)

@@ -181,7 +181,7 @@ class Parallelism:
                     block.feed_forward = TensorParallelFeedForward(config.dim, config.hidden_dim // n, self.group)
             else:
                 block.feed_forward = ExpertParallelMoe(config.dim, config.hidden_dim, config.n_experts,
-                                                       config.experts_per_token, self.group)
+                                                       config.experts_per_token, self.rank, n, self.group)
         if self.split_head(config):
             model.output = VocabParallelHead(config.dim, config.vocab_size // n, self.group)
         model.parallelism = self
@@ -291,11 +291,11 @@ class ExpertParallelMoe(nn.Module):
     `last_sent` (pairs this rank sent to each rank) for the pictures.
     """
 
-    def __init__(self, dim: int, hidden_dim: int, n_experts: int, experts_per_token: int,
+    def __init__(self, dim: int, hidden_dim: int, n_experts: int, experts_per_token: int, rank: int, world_size: int,
                  group: dist.ProcessGroup | None) -> None:
         super().__init__()
         self.group = group
-        self.world_size, self.rank = dist.get_world_size(group), dist.get_rank(group)
+        self.world_size, self.rank = world_size, rank
         self.n_experts, self.experts_per_token = n_experts, experts_per_token
         self.local_experts = n_experts // self.world_size                                  # E/N
         self.first_expert = self.rank * self.local_experts

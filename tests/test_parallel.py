@@ -10,6 +10,7 @@ within 1e-4, greedy tokens identical on every rank, the cache holding each rank'
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -179,3 +180,40 @@ def test_sampling_on_a_parallel_model_needs_a_seed(checkpoints):
     model.parallelism = Parallelism("tensor", 0, 2)          # as parallel.py marks a rank's share
     with pytest.raises(ValueError, match="needs a seed"):
         mt.generate(model, [[1, 2, 3]], max_new_tokens=2, temperature=0.7)
+
+
+@pytest.mark.parametrize("mode,rank", [("expert", 1), ("tensor", 1)])
+def test_a_rank_reads_only_its_own_slices(checkpoints, mode, rank):
+    """One rank's share built in this process (no process group is needed to load): every weight is the right block
+    of the one-process weight, another rank's experts are never read, and a block of rows stays in the mapped file."""
+    from mistral_tutorial.checkpoint import TensorSource
+    from mistral_tutorial.loading import _assemble, _safetensors_files
+
+    folder = Path(checkpoints["mixtral"])
+    config = config_of("mixtral")
+    source = TensorSource.from_safetensors(_safetensors_files(folder), "test")
+    read, plain_read = [], source.read
+    source.read = lambda name: read.append(name) or plain_read(name)
+    share = Parallelism(mode, rank, 2)
+    model = _assemble(source, "hf", config, torch.float32, "cpu", False, share)
+    whole = mt.Transformer.from_pretrained(folder, fast=False).state_dict()
+    got = model.state_dict()
+    if mode == "tensor":   # rank 1 of 2: heads 2-3 (rows 32:64), kv head 1 (rows 16:32), hidden units 48:96, vocab 64:128
+        blocks = {"attention.wq.weight": (slice(32, 64),), "attention.wk.weight": (slice(16, 32),),
+                  "attention.wo.weight": (slice(None), slice(32, 64)), "feed_forward.w1": (slice(None), slice(48, 96)),
+                  "feed_forward.w2": (slice(None), slice(None), slice(48, 96))}
+        assert torch.equal(got["output.weight"], whole["output.weight"][64:])
+    else:                  # rank 1 of 2: experts 2 and 3
+        blocks = {"attention.wq.weight": (slice(None),), "feed_forward.w1": (slice(2, 4),),
+                  "feed_forward.w2": (slice(2, 4),)}
+        assert torch.equal(got["output.weight"], whole["output.weight"])
+    for layer in range(config.n_layers):
+        for name, block in blocks.items():
+            key = f"layers.{layer}.{name}"
+            assert torch.equal(got[key], whole[key][block]), key
+        assert torch.equal(got[f"layers.{layer}.feed_forward.gate.weight"], whole[f"layers.{layer}.feed_forward.gate.weight"])
+    experts_read = {int(name.split(".experts.")[1].split(".")[0]) for name in read if ".experts." in name}
+    assert experts_read == ({2, 3} if mode == "expert" else {0, 1, 2, 3})
+    wq = model.layers[0].attention.wq.weight                    # tensor: rows 32..63 of (64, 64); expert: all
+    assert wq.shape == ((32 if mode == "tensor" else 64), 64)
+    assert wq.untyped_storage().nbytes() == 64 * 64 * 4                        # a view of the mapped tensor

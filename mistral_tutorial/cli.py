@@ -102,7 +102,7 @@ def _generate(args: argparse.Namespace) -> int:
     if args.sliding_window is not None:
         overrides["sliding_window"] = args.sliding_window if args.sliding_window > 0 else None
     if args.parallel:                        # under torchrun: every rank loads its share and decodes; rank 0 prints
-        from .parallel import init_from_torchrun
+        from .sharding import init_from_torchrun
 
         if args.compare_hf:
             raise SystemExit("error: --compare-hf runs in one process; drop --parallel to compare with transformers")

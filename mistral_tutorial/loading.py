@@ -27,8 +27,8 @@ from .config import ModelConfig
 from .errors import CheckpointError
 from .model import Transformer
 from .packed import can_pack, decode_groups, pack_group
-from .parallel import Parallelism
 from .rope import half_to_interleaved, interleaved_to_half
+from .sharding import Parallelism
 
 # transformers name (after `model.`) -> our name. {i} is the layer index.
 _HF_TO_OURS = {
@@ -280,7 +280,7 @@ def _assemble(source: TensorSource, fmt: str, config: ModelConfig, dtype: torch.
 
     fast: pack each group of matrices (packed.py) as soon as all of its tensors are in, so the plain copies never
     pile up; the model's other parameters are then frozen, as pack_for_decode leaves them.
-    parallel: this rank's share (parallel.py): its modules are swapped in on `meta` once the whole checkpoint is
+    parallel: this rank's share (sharding.py): its modules are swapped in on `meta` once the whole checkpoint is
     checked, and each tensor is cut to this rank's rows or columns (a view of the mapped file) before it is read;
     another rank's experts are not read at all.
     """
@@ -395,7 +395,7 @@ def from_hf(hf_model: Any, fast: bool = False, parallel: str | None = None) -> T
     """Our Transformer holding a copy of the weights of a transformers Mistral/Mixtral/Llama *ForCausalLM instance.
 
     fast=True lays it out for fast CPU decoding at once (packed.py); `generate` does that anyway by default.
-    parallel: 'expert' or 'tensor' to copy only this rank's share (parallel.py; torch.distributed initialised).
+    parallel: 'expert' or 'tensor' to copy only this rank's share (sharding.py; torch.distributed initialised).
     """
     if not hasattr(hf_model, "config") or not hasattr(hf_model, "state_dict"):
         raise TypeError(f"from_hf takes a transformers *ForCausalLM instance, got {type(hf_model).__name__}")
@@ -483,7 +483,7 @@ def load_pretrained(path: str | Path, dtype: torch.dtype | str = torch.float32, 
     dtype: the model's dtype, or "auto" for the checkpoint's own. fast: lay the weights out for fast CPU decoding
     (packed.py; no effect on a GPU); fast=False keeps plain nn.Linear weights, as training needs. `overrides`
     change config fields (e.g. sliding_window=32) before the weights are loaded. parallel: 'expert' or 'tensor'
-    to load only this rank's share of the model (parallel.py; torch.distributed must be initialised).
+    to load only this rank's share of the model (sharding.py; torch.distributed must be initialised).
     """
     share = Parallelism.current(parallel) if parallel is not None else None
     path = Path(path).expanduser()

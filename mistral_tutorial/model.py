@@ -63,7 +63,7 @@ class Transformer(nn.Module):
         if config.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
         self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta)
-        self.parallelism = None       # this rank's share when loaded with parallel=... (see parallel.py)
+        self.parallelism = None       # this rank's share when loaded with parallel=... (see sharding.py)
 
     # -----------------------------------------------------------------------------------------------------------------
     @property
@@ -205,7 +205,7 @@ class Transformer(nn.Module):
         sliding_window=32) before the weights are loaded.
         parallel: with torch.distributed initialised (e.g. under torchrun), 'expert' (E/N experts per rank, MoE
         models) or 'tensor' (heads, FFN width and vocabulary split over the ranks): each rank reads and holds only
-        its share, and every rank computes the same logits as one process (see parallel.py).
+        its share, and every rank computes the same logits as one process (see sharding.py).
         """
         from .loading import load_pretrained
 

@@ -20,8 +20,8 @@ from parallel_worker import observe
 
 import mistral_tutorial as mt
 from mistral_tutorial.export import write_random_checkpoint
-from mistral_tutorial.parallel import Parallelism, check_parallel
 from mistral_tutorial.parallel_costs import rank_parameter_bytes, step_traffic
+from mistral_tutorial.sharding import Parallelism, check_parallel
 
 MIXTRAL = dict(model_type="mixtral", vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                num_key_value_heads=2, intermediate_size=96, num_local_experts=4, num_experts_per_tok=2,
@@ -177,7 +177,7 @@ def test_parallel_without_torch_distributed_says_how_to_launch(checkpoints):
 
 def test_sampling_on_a_parallel_model_needs_a_seed(checkpoints):
     model = mt.Transformer.from_pretrained(checkpoints["mistral"], fast=False)
-    model.parallelism = Parallelism("tensor", 0, 2)          # as parallel.py marks a rank's share
+    model.parallelism = Parallelism("tensor", 0, 2)          # as sharding.py marks a rank's share
     with pytest.raises(ValueError, match="needs a seed"):
         mt.generate(model, [[1, 2, 3]], max_new_tokens=2, temperature=0.7)
 

@@ -45,8 +45,8 @@ class Parallelism:
         if not (dist.is_available() and dist.is_initialized()):
             raise RuntimeError(
                 f"parallel={mode!r} needs torch.distributed to be initialised in every process: launch with "
-                f"`torchrun --nproc-per-node N script.py` and call torch.distributed.init_process_group('gloo') "
-                f"(CPUs) or ('nccl') (one GPU per rank) before loading")
+                f"`torchrun --standalone --nproc-per-node N script.py` and call "
+                f"torch.distributed.init_process_group('gloo') (CPUs) or ('nccl') (one GPU per rank) before loading")
         return cls(mode, dist.get_rank(group), dist.get_world_size(group), group)
 
     # -- which part of each weight this rank holds ---------------------------------------------------------------
@@ -180,8 +180,8 @@ def init_from_torchrun(device: str = "cpu") -> str:
     """Join the process group that `torchrun` describes (its RANK, WORLD_SIZE, MASTER_ADDR... variables): gloo on
     CPUs, NCCL with one GPU per rank. Returns this rank's device ('cpu', or 'cuda:<LOCAL_RANK>' for device 'cuda')."""
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        raise RuntimeError("--parallel runs under torchrun, one process per rank: "
-                           "torchrun --nproc-per-node N -m mistral_tutorial.cli generate ... --parallel tensor")
+        raise RuntimeError("--parallel runs under torchrun, one process per rank: torchrun --standalone "
+                           "--nproc-per-node N -m mistral_tutorial.cli generate ... --parallel tensor")
     if device.startswith("cuda"):
         device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
         torch.cuda.set_device(device)

@@ -1,9 +1,9 @@
 """Run a model on N processes (expert or tensor parallelism) and check it against one process, token for token.
 
-    torchrun --nproc-per-node 2 scripts/parallel_check.py --reference            # the tiny Mixtral, 2 CPU processes
-    torchrun --nproc-per-node 4 scripts/parallel_check.py --mode tensor --reference
-    torchrun --nproc-per-node 8 scripts/parallel_check.py --mode expert --model /path/to/Mixtral-8x7B-v0.1 \
-        --device cuda --dtype bfloat16                                           # 8 GPUs, NCCL
+    torchrun --standalone --nproc-per-node 2 scripts/parallel_check.py --reference      # tiny Mixtral, 2 CPU processes
+    torchrun --standalone --nproc-per-node 4 scripts/parallel_check.py --mode tensor --reference
+    torchrun --standalone --nproc-per-node 8 scripts/parallel_check.py --mode expert \
+        --model /path/to/Mixtral-8x7B-v0.1 --device cuda --dtype bfloat16              # 8 GPUs, NCCL
 
 Every rank loads its share (`Transformer.from_pretrained(..., parallel=mode)`), runs one forward over the prompt (to
 record the routing) and greedy `generate`. Rank 0 prints; with --reference it also loads the whole model in its own

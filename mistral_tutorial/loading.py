@@ -320,11 +320,10 @@ def _assemble(source: TensorSource, fmt: str, config: ModelConfig, dtype: torch.
                 value, expert = t.transform(tensor) if t.transform else tensor, t.expert
                 if parallel is not None:                      # this rank's rows or columns: a view, nothing read yet
                     value, expert = parallel.take(t.key, expert, value, config)
-                value = value.to(device=device, dtype=dtype)
+                value = value.to(device=device, dtype=dtype).contiguous()   # a block of columns: copied here
                 aliased = expert is None and _same_memory(value, tensor)
                 if aliased and t.key not in groups and not source.mapped:
                     value, aliased = value.clone(), False     # never keep memory that is not ours (from_hf)
-                value = value.contiguous()
                 owner_name, _, param_name = t.key.rpartition(".")
                 owner = model.get_submodule(owner_name)
                 if expert is None:

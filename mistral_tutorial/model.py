@@ -75,7 +75,13 @@ class Transformer(nn.Module):
         return self.tok_embeddings.weight.dtype
 
     def num_parameters(self, active: bool = False) -> int:
-        """Parameter count (tied weights once). active=True counts only k of the E experts of each MoE layer."""
+        """Parameter count (tied weights once). active=True counts only k of the E experts of each MoE layer.
+
+        On one rank of a parallel model (sharding.py): that rank's share; active=True is refused there.
+        """
+        if active and self.parallelism is not None:
+            raise ValueError("num_parameters(active=True) counts a whole model; one rank holds a share of it "
+                             "(see parallel_costs.rank_parameter_bytes)")
         total = sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())
         total += sum(m.in_features * m.out_features for m in self.modules()             # the packed layout's
                      if isinstance(m, PackedLinear) and m.matrix.tied_to is None)      # matrices (packed.py)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -112,8 +113,17 @@ def _generate(args: argparse.Namespace) -> int:
     overrides: dict[str, Any] = {}
     if args.sliding_window is not None:
         overrides["sliding_window"] = args.sliding_window if args.sliding_window > 0 else None
+    if args.parallel:                        # under torchrun: every rank loads its share and decodes; rank 0 prints
+        from .sharding import init_from_torchrun
+
+        if args.compare_hf:
+            raise SystemExit("error: --compare-hf runs in one process; drop --parallel to compare with transformers")
+        args.device = init_from_torchrun(args.device)
+        if torch.distributed.get_rank() != 0:
+            sys.stdout = sys.stderr = open(os.devnull, "w")   # noqa: SIM115 - for the life of this rank
     t0 = time.perf_counter()
-    model = load_pretrained(path, dtype=dtype, device=args.device, fast=not args.plain, **overrides)
+    model = load_pretrained(path, dtype=dtype, device=args.device, fast=not args.plain, parallel=args.parallel,
+                            **overrides)
     tokenizer = _Tokenizer(path)
     print(f"loaded {path.name} ({model.num_parameters() / 1e6:.0f} M parameters, {args.dtype}, {args.device}, "
           f"window={model.config.sliding_window}) in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
@@ -255,6 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-sequence token")
     gen.add_argument("--compare-hf", action="store_true",
                      help="also run transformers on the same weights; print whether tokens agree and both speeds")
+    gen.add_argument("--parallel", choices=["expert", "tensor"], default=None,
+                     help="under torchrun --nproc-per-node N: expert or tensor parallelism over the N processes")
     gen.set_defaults(func=_generate)
 
     route = add("route", help="draw text coloured by first-choice expert (Mixtral Fig 8)")

@@ -81,6 +81,9 @@ def generate(
         prefill_chunk_size = check_int("prefill_chunk_size", prefill_chunk_size, 1)
     if on_token is not None and not callable(on_token):
         raise TypeError(f"on_token must be a function of the step's (B,) tokens, got {type(on_token).__name__}")
+    if temperature > 0 and seed is None and getattr(model, "parallelism", None) is not None:
+        raise ValueError("sampling on a parallel model needs a seed: every rank samples on its own, and only the same "
+                         "seed gives every rank the same token (pass seed=...)")
     config = model.config
     tokens, pad = as_token_batch(input_ids, model.device)
     stops = as_stop_tokens(stop_tokens, model.device)

@@ -29,6 +29,7 @@ from .errors import CheckpointError
 from .model import Transformer
 from .packed import can_pack, decode_groups, pack_group
 from .rope import half_to_interleaved, interleaved_to_half
+from .sharding import Parallelism
 
 # transformers name (after `model.`) -> our name. {i} is the layer index.
 _HF_TO_OURS = {
@@ -278,18 +279,25 @@ def _plan(source: TensorSource, fmt: str, config: ModelConfig, expected: dict[st
 
 
 def _assemble(source: TensorSource, fmt: str, config: ModelConfig, dtype: torch.dtype, device: str | torch.device,
-              fast: bool) -> Transformer:
+              fast: bool, parallel: Parallelism | None = None) -> Transformer:
     """Build the model on `meta`, then read the checkpoint into it one tensor at a time (see the module docstring).
 
     fast: pack each group of matrices (packed.py) as soon as all of its tensors are in, so the plain copies never
     pile up; the model's other parameters are then frozen, as pack_for_decode leaves them.
+    parallel: this rank's share (sharding.py): its modules are swapped in on `meta` once the whole checkpoint is
+    checked, and each tensor is cut to this rank's rows or columns (a view of the mapped file) before it is read;
+    another rank's experts are not read at all.
     """
     with torch.device("meta"):
         model = Transformer(config)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     if config.tie_embeddings:
         expected.pop("output.weight")
+    if parallel is not None:
+        parallel.check(config)                            # before anything is read: a size N does not divide
     plan = _plan(source, fmt, config, expected)
+    if parallel is not None:
+        parallel.shard_modules(model)                     # this rank's modules, still on meta
 
     device = torch.device(device)
     packing = fast and can_pack(dtype, device)
@@ -307,17 +315,22 @@ def _assemble(source: TensorSource, fmt: str, config: ModelConfig, dtype: torch.
                                         source.infos[n].offset))
     with torch.inference_mode(False), torch.no_grad():           # ordinary tensors, even when called in inference mode
         for name in tqdm(order, desc="loading", unit="tensor", disable=None, leave=False):
+            places = [t for t in plan[name] if parallel is None or parallel.holds(t.key, t.expert, config)]
+            if not places:
+                continue                                      # another rank's expert: never read
             tensor = source.read(name)
             in_use = False                                    # is the file's memory now a parameter's?
-            for t in plan[name]:
-                value = (t.transform(tensor) if t.transform else tensor).to(device=device, dtype=dtype)
-                aliased = t.expert is None and value.data_ptr() == tensor.data_ptr()
+            for t in places:
+                value, expert = t.transform(tensor) if t.transform else tensor, t.expert
+                if parallel is not None:                      # this rank's rows or columns: a view, nothing read yet
+                    value, expert = parallel.take(t.key, expert, value, config)
+                value = value.to(device=device, dtype=dtype).contiguous()   # a block of columns: copied here
+                aliased = expert is None and _same_memory(value, tensor)
                 if aliased and t.key not in groups and not source.mapped:
                     value, aliased = value.clone(), False     # never keep memory that is not ours (from_hf)
-                value = value.contiguous()
                 owner_name, _, param_name = t.key.rpartition(".")
                 owner = model.get_submodule(owner_name)
-                if t.expert is None:
+                if expert is None:
                     owner._parameters[param_name] = nn.Parameter(value, requires_grad=not packing)
                     done.add(t.key)
                 else:
@@ -325,9 +338,9 @@ def _assemble(source: TensorSource, fmt: str, config: ModelConfig, dtype: torch.
                     if param.is_meta:
                         param = owner._parameters[param_name] = nn.Parameter(
                             torch.empty(param.shape, dtype=dtype, device=device), requires_grad=not packing)
-                    param[t.expert].copy_(value)
-                    slots.setdefault(t.key, set()).add(t.expert)
-                    if len(slots[t.key]) == config.n_experts:
+                    param[expert].copy_(value)
+                    slots.setdefault(t.key, set()).add(expert)
+                    if len(slots[t.key]) == param.shape[0]:
                         done.add(t.key)
                 in_use |= aliased
                 if t.key in groups:                           # a matrix to pack, once its whole group is in
@@ -350,6 +363,11 @@ def _assemble(source: TensorSource, fmt: str, config: ModelConfig, dtype: torch.
     if still_empty:                                       # _plan makes this impossible; never hand out garbage
         raise CheckpointError(f"{source.description}: no data for {still_empty[:8]}")
     return model.eval()
+
+
+def _same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Does `a` use `b`'s memory (b itself, or a view of it such as a block of its rows)?"""
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
 
 
 def loading_plan(config: ModelConfig, dtype_bytes: int = 2, fast: bool = True
@@ -377,17 +395,19 @@ def loading_plan(config: ModelConfig, dtype_bytes: int = 2, fast: bool = True
     return rows
 
 
-def from_hf(hf_model: Any, fast: bool = False) -> Transformer:
+def from_hf(hf_model: Any, fast: bool = False, parallel: str | None = None) -> Transformer:
     """Our Transformer holding a copy of the weights of a transformers Mistral/Mixtral/Llama *ForCausalLM instance.
 
     fast=True lays it out for fast CPU decoding at once (packed.py); `generate` does that anyway by default.
+    parallel: 'expert' or 'tensor' to copy only this rank's share (sharding.py; torch.distributed initialised).
     """
     if not hasattr(hf_model, "config") or not hasattr(hf_model, "state_dict"):
         raise TypeError(f"from_hf takes a transformers *ForCausalLM instance, got {type(hf_model).__name__}")
     config = ModelConfig.from_hf(hf_model.config)
     param = next(hf_model.parameters())
     source = TensorSource.from_mapping(hf_model.state_dict(), f"transformers {type(hf_model).__name__}")
-    return _assemble(source, "hf", config, param.dtype, param.device, fast)
+    share = Parallelism.current(parallel) if parallel is not None else None
+    return _assemble(source, "hf", config, param.dtype, param.device, fast, share)
 
 
 def _read_json(path: Path) -> Any:
@@ -515,13 +535,15 @@ def _checkpoint_dtype(source: TensorSource) -> torch.dtype:
 
 
 def load_pretrained(path: str | Path, dtype: torch.dtype | str = torch.float32, device: str | torch.device = "cpu",
-                    fast: bool = True, **overrides: Any) -> Transformer:
+                    fast: bool = True, parallel: str | None = None, **overrides: Any) -> Transformer:
     """Detect the checkpoint format at `path` and stream it into a model (see the module docstring).
 
     dtype: the model's dtype, or "auto" for the checkpoint's own. fast: lay the weights out for fast CPU decoding
     (packed.py; no effect on a GPU); fast=False keeps plain nn.Linear weights, as training needs. `overrides`
-    change config fields (e.g. sliding_window=32) before the weights are loaded.
+    change config fields (e.g. sliding_window=32) before the weights are loaded. parallel: 'expert' or 'tensor'
+    to load only this rank's share of the model (sharding.py; torch.distributed must be initialised).
     """
+    share = Parallelism.current(parallel) if parallel is not None else None
     path = Path(path).expanduser()
     if not path.exists():
         raise FileNotFoundError(f"no checkpoint at {path}")
@@ -550,7 +572,7 @@ def load_pretrained(path: str | Path, dtype: torch.dtype | str = torch.float32, 
             f"*.safetensors) or a mistral reference folder (params.json + consolidated.safetensors)")
     if dtype == "auto":
         dtype = _checkpoint_dtype(source)
-    return _assemble(source, fmt, config.replace(**overrides), dtype, device, fast)
+    return _assemble(source, fmt, config.replace(**overrides), dtype, device, fast, share)
 
 
 def to_hf(model: Transformer, model_type: str | None = None) -> Any:

@@ -67,6 +67,7 @@ class Transformer(nn.Module):
         if config.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
         self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling)
+        self.parallelism = None       # this rank's share when loaded with parallel=... (see sharding.py)
 
     # -----------------------------------------------------------------------------------------------------------------
     @property
@@ -78,7 +79,13 @@ class Transformer(nn.Module):
         return self.tok_embeddings.weight.dtype
 
     def num_parameters(self, active: bool = False) -> int:
-        """Parameter count (tied weights once). active=True counts only k of the E experts of each MoE layer."""
+        """Parameter count (tied weights once). active=True counts only k of the E experts of each MoE layer.
+
+        On one rank of a parallel model (sharding.py): that rank's share; active=True is refused there.
+        """
+        if active and self.parallelism is not None:
+            raise ValueError("num_parameters(active=True) counts a whole model; one rank holds a share of it "
+                             "(see parallel_costs.rank_parameter_bytes)")
         total = sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())
         total += sum(m.in_features * m.out_features for m in self.modules()             # the packed layout's
                      if isinstance(m, PackedLinear) and m.matrix.tied_to is None)      # matrices (packed.py)
@@ -116,9 +123,13 @@ class Transformer(nn.Module):
         return [layer.feed_forward.last_experts for layer in self.layers]
 
     def new_cache(self, batch_size: int, max_len: int, pad: torch.Tensor | list[int] | None = None) -> KVCache:
-        """An empty KV cache for this model: W slots per layer with a window, else `max_len`."""
+        """An empty KV cache for this model: W slots per layer with a window, else `max_len`.
+
+        It holds the kv heads the attention layers hold: all of them, or this rank's under tensor parallelism.
+        """
         c = self.config
-        return KVCache(c.n_layers, batch_size, c.n_kv_heads, c.head_dim, c.sliding_window, max_len,
+        n_kv_heads = self.layers[0].attention.n_kv_heads if len(self.layers) else c.n_kv_heads
+        return KVCache(c.n_layers, batch_size, n_kv_heads, c.head_dim, c.sliding_window, max_len,
                        dtype=self.dtype, device=self.device, pad=pad)
 
     # -----------------------------------------------------------------------------------------------------------------
@@ -191,24 +202,28 @@ class Transformer(nn.Module):
 
     # -----------------------------------------------------------------------------------------------------------------
     @classmethod
-    def from_hf(cls, hf_model: nn.Module, fast: bool = False) -> Transformer:
+    def from_hf(cls, hf_model: nn.Module, fast: bool = False, parallel: str | None = None) -> Transformer:
         """Build from a transformers Mistral/Mixtral/Llama *ForCausalLM instance, copying its weights.
 
         fast=True lays the copy out for fast CPU decoding at once (packed.py); `generate` does so anyway by default.
+        parallel: 'expert' or 'tensor' copies only this rank's share (see from_pretrained).
         """
         from .loading import from_hf
 
-        return from_hf(hf_model, fast=fast)
+        return from_hf(hf_model, fast=fast, parallel=parallel)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: torch.dtype | str = torch.float32, device: str = "cpu",
-                        fast: bool = True, **overrides: Any) -> Transformer:
+                        fast: bool = True, parallel: str | None = None, **overrides: Any) -> Transformer:
         """Stream a transformers checkpoint dir, a mistral reference folder or a .gguf file into a model.
 
         dtype: the model's, or "auto" for the checkpoint's own. fast (default): the fast decode layout on a CPU
         (packed.py: no gradients; fast=False for plain, trainable weights). `overrides` change config fields (e.g.
         sliding_window=32) before the weights are loaded.
+        parallel: with torch.distributed initialised (e.g. under torchrun), 'expert' (E/N experts per rank, MoE
+        models) or 'tensor' (heads, FFN width and vocabulary split over the ranks): each rank reads and holds only
+        its share, and every rank computes the same logits as one process (see sharding.py).
         """
         from .loading import load_pretrained
 
-        return load_pretrained(path, dtype=dtype, device=device, fast=fast, **overrides)
+        return load_pretrained(path, dtype=dtype, device=device, fast=fast, parallel=parallel, **overrides)

@@ -177,7 +177,11 @@ def decode_groups(model: nn.Module) -> list[tuple[nn.Module, tuple[str, ...]]]:
             groups += [(layer.feed_forward, ("w1", "w3")), (layer.feed_forward, ("w2",))]
         else:                                                                                  # MoE: the router
             groups += [(layer.feed_forward, ("gate",))]
-    return groups + [(model, ("output",))]
+    groups.append((model, ("output",)))
+    # only plain nn.Linear (or already packed) parts: a subclass with a forward of its own (parallel.py's
+    # vocabulary-parallel head) keeps it
+    return [(module, names) for module, names in groups
+            if all(type(getattr(module, name)) in (nn.Linear, PackedLinear) for name in names)]
 
 
 def pack_group(module: nn.Module, names: tuple[str, ...], tied_to: nn.Parameter | None = None) -> None:

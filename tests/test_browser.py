@@ -1,7 +1,8 @@
 """The walkthrough as a learner meets it, in headless Chromium: JupyterLab, the widgets, and the static site.
 
 - every notebook opened as cloned (untrusted, no kernel run): no broken image, and a picture where each widget is;
-- every notebook with widgets run in the browser: every cell runs, every slider and text box moved redraws the figure;
+- every notebook with widgets, trusted: its widgets drawn from the saved state; then run in the browser: every cell
+  runs, every slider and text box moved redraws the figure; saved and reopened: the widgets come back;
 - the static site (`tasks.py site`): every page loads from disk with every figure present.
 Everywhere: no error in the browser console, no HTTP 404 and no resource that fails to load. Screenshots go to
 build/screenshots/.
@@ -315,26 +316,6 @@ def test_notebook_as_cloned(browser, lab, path):
     lab.shutdown_kernels()
 
 
-@pytest.mark.parametrize("path", WIDGET_NOTEBOOKS, ids=[p.stem for p in WIDGET_NOTEBOOKS])
-def test_widget_notebook_trusted(browser, lab, path):
-    """Trusted, as `tasks.py setup` leaves it: each widget is drawn, with its figure, from the state saved in the
-    notebook, before anything runs."""
-    copy = lab.root / "notebooks" / path.name
-    subprocess.run([str(tasks.PYTHON), "-m", "jupyter", "trust", str(copy)], env=lab.env, check=True,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)       # in the server's own data dir
-    open_notebook(browser, lab, path)
-    for cell in widget_cells(path):
-        def drawn(cell=cell):
-            shown = visual_at(browser, cell)
-            assert "Error displaying widget" not in shown["text"], f"{path.name} cell {cell} trusted: {shown}"
-            return shown["widgets"] >= 1 and shown["images"] >= 1
-        browser.wait(drawn, 30, f"{path.name} cell {cell}'s widget drawn from the saved state")
-        browser.screenshot_output(cell, f"trusted-{path.stem}-cell{cell}")
-    close_notebook(browser)
-    browser.assert_clean(f"{path.name} trusted")
-    lab.shutdown_kernels()
-
-
 # --- running the widgets -------------------------------------------------------------------------------------------
 
 
@@ -406,8 +387,21 @@ def move(browser: Browser, control) -> str:
 
 @pytest.mark.parametrize("path", WIDGET_NOTEBOOKS, ids=[p.stem for p in WIDGET_NOTEBOOKS])
 def test_widgets_redraw(browser, lab, path):
-    """Run all cells in the browser; every widget control moved redraws its figure; no errors."""
+    """Trusted, as `tasks.py setup` leaves it, each widget is drawn, with its figure, from the state saved in the
+    notebook; then run all cells in the browser: every widget control moved redraws its figure; no errors; saved and
+    reopened, the widgets come back."""
+    copy = lab.root / "notebooks" / path.name
+    subprocess.run([str(tasks.PYTHON), "-m", "jupyter", "trust", str(copy)], env=lab.env, check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)       # in the server's own data dir
     open_notebook(browser, lab, path)
+    for cell in widget_cells(path):
+        def drawn(cell=cell):
+            shown = visual_at(browser, cell)
+            assert "Error displaying widget" not in shown["text"], f"{path.name} cell {cell} trusted: {shown}"
+            return shown["widgets"] >= 1 and shown["images"] >= 1
+        browser.wait(drawn, 30, f"{path.name} cell {cell}'s widget drawn from the saved state")
+        browser.screenshot_output(cell, f"trusted-{path.stem}-cell{cell}")
+
     run_all(browser, path)
     assert error_outputs(browser) == [], f"{path.name}: errors or stderr in a live run"
     browser.screenshot(f"run-{path.stem}")

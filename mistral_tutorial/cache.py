@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from .attention import window_mask
+from .masks import window_mask
 
 
 class CacheFullError(RuntimeError):

@@ -6,6 +6,7 @@ Parameter names follow the reference implementation (mistral-inference): `tok_em
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -13,13 +14,30 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import Attention, sliding_window_mask
+from .attention import Attention
 from .cache import KVCache
 from .config import ModelConfig
 from .embedding import RMSNorm, TokenEmbedding
 from .feedforward import FeedForward
+from .masks import sliding_window_mask
 from .packed import PackedLinear, pack_for_decode
 from .rope import RotaryEmbedding
+
+# Readers of checkpoints live in loading.py, which builds models; a model never calls loading (STYLE §10). loading.py
+# registers its readers here when the package is imported, and the classmethods below hand over to them.
+_LOADERS: dict[str, Callable[..., Transformer]] = {}
+
+
+def register_loader(name: str, loader: Callable[..., Transformer]) -> None:
+    """Make `Transformer.<name>` (from_hf, from_pretrained) call `loader`; loading.py does this at import."""
+    _LOADERS[name] = loader
+
+
+def _loader(name: str) -> Callable[..., Transformer]:
+    if name not in _LOADERS:
+        raise RuntimeError(f"Transformer.{name} needs mistral_tutorial.loading, which registers it: "
+                           f"import mistral_tutorial (or mistral_tutorial.loading) first")
+    return _LOADERS[name]
 
 
 class TransformerBlock(nn.Module):
@@ -208,9 +226,7 @@ class Transformer(nn.Module):
         fast=True lays the copy out for fast CPU decoding at once (packed.py); `generate` does so anyway by default.
         parallel: 'expert' or 'tensor' copies only this rank's share (see from_pretrained).
         """
-        from .loading import from_hf
-
-        return from_hf(hf_model, fast=fast, parallel=parallel)
+        return _loader("from_hf")(hf_model, fast=fast, parallel=parallel)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: torch.dtype | str = torch.float32, device: str = "cpu",
@@ -224,6 +240,4 @@ class Transformer(nn.Module):
         models) or 'tensor' (heads, FFN width and vocabulary split over the ranks): each rank reads and holds only
         its share, and every rank computes the same logits as one process (see sharding.py).
         """
-        from .loading import load_pretrained
-
-        return load_pretrained(path, dtype=dtype, device=device, fast=fast, parallel=parallel, **overrides)
+        return _loader("from_pretrained")(path, dtype=dtype, device=device, fast=fast, parallel=parallel, **overrides)

@@ -9,7 +9,6 @@ Left out: the router's weights (only which experts are chosen is counted, as in 
 
 from __future__ import annotations
 
-import argparse
 import math
 from pathlib import Path
 from typing import Any
@@ -244,35 +243,3 @@ def _load(model_path: str | None, dtype: torch.dtype = torch.float32, device: st
         gguf = {"gguf_file": path.name} if path.suffix == ".gguf" else {}
         tokenizer = transformers.AutoTokenizer.from_pretrained(str(path.parent if gguf else path), **gguf)
     return model, tokenizer, path.name
-
-
-def route_command(args: argparse.Namespace) -> int:
-    """`mistral-tutorial route TEXT --out FILE.png [--model PATH] [--layer N]`: Fig 8 for one text, one layer."""
-    if not args.text.strip():
-        raise ValueError("the text is empty")
-    from .cli import DTYPES
-
-    if getattr(args, "device", "cpu").startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("--device cuda asked for, but torch sees no CUDA device; use --device cpu")
-    model, tokenizer, name = _load(args.model, DTYPES[getattr(args, "dtype", "float32")], getattr(args, "device", "cpu"))
-    _require_experts(model)
-    n_layers = model.config.n_layers
-    layer = n_layers // 2 if args.layer is None else args.layer
-    if not 0 <= layer < n_layers:
-        raise ValueError(f"--layer {args.layer}: the model has layers 0..{n_layers - 1}")
-    ids = tokenizer.encode(args.text)
-    experts = expert_assignments(model, ids)[layer]                               # (T, k)
-    bos = getattr(tokenizer, "bos_id", getattr(tokenizer, "bos_token_id", None))
-    shown = [i for i, token_id in enumerate(ids) if token_id != bos]              # <s> is routed, not drawn
-    # the tiny model's tokenizer maps pieces it never saw to <unk>; draw the text's own pieces
-    strings = (tokenizer.base.pieces(tokenizer.base.encode(args.text)) if isinstance(tokenizer, SubsetTokenizer)
-               else token_strings(tokenizer, ids))
-    ax = draw_routed_text([strings[i] for i in shown], experts[shown], model.config.n_experts,
-                          title=f"{name}, layer {layer} of {n_layers}: tokens coloured by first-choice expert")
-    out = Path(args.out).expanduser()                     # the CLI checked it: a .png in a folder that exists
-    ax.figure.savefig(out, format="png", dpi=110, bbox_inches="tight", metadata={"Software": None})
-    import matplotlib.pyplot as plt
-
-    plt.close(ax.figure)
-    print(f"wrote {out} ({len(shown)} tokens, layer {layer})")
-    return 0

@@ -19,6 +19,7 @@ from .cache import KVCache
 from .config import ModelConfig
 from .embedding import RMSNorm, TokenEmbedding
 from .feedforward import FeedForward
+from .inputs import check_not_empty, check_positions
 from .masks import sliding_window_mask
 from .packed import PackedLinear, pack_for_decode
 from .rope import RotaryEmbedding
@@ -180,9 +181,8 @@ class Transformer(nn.Module):
             if cache.batch_size != batch:
                 raise ValueError(f"the cache was made for batch size {cache.batch_size}, tokens have {batch} rows")
             positions = cache.positions(seq_len)                                           # (1 or B, T)
-            mask = cache.begin(seq_len)                                                    # (1|B, 1, T, Tk) or None
-            if cache.causal:                                                               # first chunk: plain causal
-                mask, is_causal = None, True
+            attend = cache.begin(seq_len)                                                  # the cache's plan
+            mask, is_causal = (None, True) if attend.is_causal else (attend.mask, False)   # (1|B, 1, T, Tk) or None
         cos, sin = self.rotary(positions, dtype=x.dtype)                                   # (1|B, T, D)
 
         hidden = [x] if return_hidden_states else None
@@ -210,13 +210,9 @@ class Transformer(nn.Module):
         if tokens.dim() != 2:
             raise ValueError(f"tokens must have shape (batch, seq_len), got {tuple(tokens.shape)}; "
                              f"for one sequence use tokens[None]")
-        if tokens.shape[1] == 0:
-            raise ValueError("the prompt is empty (seq_len = 0): give at least one token, e.g. the BOS token")
+        check_not_empty(tokens.shape[1])
         start = cache.time if cache is not None else 0
-        end = start + tokens.shape[1]
-        if self.config.sliding_window is None and end > self.config.max_position_embeddings:
-            raise ValueError(f"sequence of {end} tokens exceeds max_position_embeddings "
-                             f"({self.config.max_position_embeddings}) of a model without a sliding window")
+        check_positions(start + tokens.shape[1], self.config.max_position_embeddings, self.config.sliding_window)
 
     # -----------------------------------------------------------------------------------------------------------------
     @classmethod

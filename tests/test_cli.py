@@ -96,7 +96,7 @@ def test_repo_ships_no_weights_but_the_tiny_mixtral():
     root = Path(__file__).resolve().parents[1]
     tracked = subprocess.run(["git", "ls-files"], cwd=root, capture_output=True, text=True).stdout.split()
     weights = [f for f in tracked if f.endswith((".gguf", ".safetensors", ".whl", ".pth", ".bin", ".pt"))]
-    assert weights in ([], ["checkpoints/tiny-mixtral/consolidated.safetensors"])
+    assert weights in ([], ["mistral_tutorial/data/tiny-mixtral/consolidated.safetensors"])
     if weights:
         assert (root / weights[0]).stat().st_size <= 20 * 2**20
         assert (root / "scripts" / "train_tiny_mixtral.py").is_file()

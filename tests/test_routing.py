@@ -15,7 +15,8 @@ from matplotlib.patches import PathPatch, Rectangle
 import mistral_tutorial as mt
 from mistral_tutorial import routing
 from mistral_tutorial.cli import main
-from mistral_tutorial.corpus import DOMAINS, SubsetTokenizer, build_corpus, split_corpus
+from mistral_tutorial.corpus import DOMAINS, build_corpus, split_corpus
+from mistral_tutorial.tokenizer import SubsetTokenizer
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

@@ -6,22 +6,24 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import pytest
+
 import mistral_tutorial
 
 PACKAGE = "mistral_tutorial"
 PACKAGE_DIR = Path(mistral_tutorial.__file__).parent
 
 
-def _module_name(path: Path) -> str:
-    parts = path.relative_to(PACKAGE_DIR).with_suffix("").parts
+def _module_name(path: Path, root: Path = PACKAGE_DIR, package: str = PACKAGE) -> str:
+    parts = path.relative_to(root).with_suffix("").parts
     if parts[-1] == "__init__":
         parts = parts[:-1]
-    return ".".join((PACKAGE, *parts))
+    return ".".join((package, *parts))
 
 
-def _imported(path: Path, modules: set[str]) -> set[str]:
+def _imported(path: Path, modules: set[str], root: Path = PACKAGE_DIR, package_name: str = PACKAGE) -> set[str]:
     """Every package module that `path` imports anywhere in its text: top level, in functions, under TYPE_CHECKING."""
-    name = _module_name(path)
+    name = _module_name(path, root, package_name)
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     found: set[str] = set()
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), filename=str(path))):
@@ -47,10 +49,10 @@ def _imported(path: Path, modules: set[str]) -> set[str]:
     return found
 
 
-def import_graph() -> dict[str, set[str]]:
-    paths = sorted(PACKAGE_DIR.rglob("*.py"))
-    modules = {_module_name(p) for p in paths}
-    return {_module_name(p): _imported(p, modules) for p in paths}
+def import_graph(root: Path = PACKAGE_DIR, package: str = PACKAGE) -> dict[str, set[str]]:
+    paths = sorted(root.rglob("*.py"))
+    modules = {_module_name(p, root, package) for p in paths}
+    return {_module_name(p, root, package): _imported(p, modules, root, package) for p in paths}
 
 
 def find_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
@@ -106,13 +108,25 @@ def _cycle_in(graph: dict[str, set[str]], component: set[str]) -> list[str]:
     return sorted(component)
 
 
-def test_the_cycle_finder_sees_lazy_and_relative_imports(tmp_path):
+def test_the_cycle_finder_names_each_cycle():
     graph = {"p.a": {"p.b"}, "p.b": {"p.c"}, "p.c": {"p.a"}, "p.d": {"p.a"}}
     assert find_cycles(graph) == [["p.a", "p.b", "p.c", "p.a"]]
     assert find_cycles({"p.a": {"p.b"}, "p.b": set()}) == []
 
 
-def test_the_graph_holds_lazy_and_type_checking_imports():
+def test_the_graph_sees_lazy_type_checking_and_absolute_imports(tmp_path):
+    root = tmp_path / "p"
+    root.mkdir()
+    (root / "__init__.py").write_text("from . import a\n")
+    (root / "a.py").write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from .b import X\n")
+    (root / "b.py").write_text("def f():\n    from p.a import y\n    import p.c\n")
+    (root / "c.py").write_text("")
+    graph = import_graph(root, "p")
+    assert graph == {"p": {"p.a"}, "p.a": {"p.b"}, "p.b": {"p.a", "p.c"}, "p.c": set()}
+    assert find_cycles(graph) == [["p.a", "p.b", "p.a"]]
+
+
+def test_the_graph_covers_the_package():
     graph = import_graph()
     assert f"{PACKAGE}.config" in graph and graph[PACKAGE]  # the package's __init__ imports its modules
     assert all(target in graph for targets in graph.values() for target in targets)
@@ -125,3 +139,17 @@ def test_no_import_cycles():
     assert not back, f"modules importing the package's __init__ (a cycle through it): {back}"
     cycles = find_cycles(graph)
     assert not cycles, "import cycles in the package:\n" + "\n".join(" -> ".join(c) for c in cycles)
+
+
+def test_the_tiny_mixtral_is_package_data():
+    """Found through the package, not the repository's layout: a plain `pip install` still runs `mistral-tutorial route`."""
+    tomllib = pytest.importorskip("tomllib")
+    from mistral_tutorial.resolve import TINY_MIXTRAL_DIR
+
+    assert TINY_MIXTRAL_DIR.resolve().is_relative_to(PACKAGE_DIR.resolve())
+    names = {p.name for p in TINY_MIXTRAL_DIR.iterdir()}
+    assert {"consolidated.safetensors", "params.json", "vocab.json", "training_log.json"} <= names
+    pyproject = tomllib.loads((PACKAGE_DIR.parent / "pyproject.toml").read_text())
+    patterns = pyproject["tool"]["setuptools"]["package-data"][PACKAGE]
+    shipped = {p.relative_to(PACKAGE_DIR).as_posix() for pattern in patterns for p in PACKAGE_DIR.glob(pattern)}
+    assert {f"data/tiny-mixtral/{name}" for name in names} <= shipped

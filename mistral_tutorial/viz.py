@@ -7,6 +7,7 @@ the Axes, so panels can be combined with `subplot_grid`. Nothing here computes m
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -21,8 +22,20 @@ from matplotlib.patches import Patch, PathPatch, Rectangle
 from matplotlib.textpath import TextPath
 from matplotlib.transforms import Affine2D
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-FIGURES_DIR = REPO_ROOT / "figures"
+
+def _figures_dir() -> Path:
+    """Where `save_figure` writes: $MISTRAL_TUTORIAL_FIGURES if set; else, in a checkout of the repository, its own
+    figures/ folder (the notebooks' pictures, committed); else (an installed package) ./figures."""
+    if os.environ.get("MISTRAL_TUTORIAL_FIGURES"):
+        return Path(os.environ["MISTRAL_TUTORIAL_FIGURES"]).expanduser().resolve()
+    checkout = Path(__file__).resolve().parent.parent
+    if (checkout / "notebooks").is_dir() and (checkout / "figures").is_dir():
+        return checkout / "figures"
+    return Path.cwd().resolve() / "figures"
+
+
+FIGURES_DIR = _figures_dir()
+REPO_ROOT = FIGURES_DIR.parent        # the notebooks print figure paths relative to it: figures/<name>.png
 
 MASK_COLORS = ListedColormap(["#f2f2f2", "#3b6fb6"])     # False (blocked) light grey, True (allowed) blue
 MASKED_COLOR = "#c8c8c8"                                  # heatmap cells a mask forbids: grey, not the colour of 0
@@ -164,13 +177,13 @@ def subplot_grid(n_rows: int, n_cols: int, panel_size: float = 2.6, title: str |
 
 
 def figure_path(name: str) -> Path:
-    """`<repo>/figures/<name>.png` (a trailing .png in `name` is kept once)."""
+    """`FIGURES_DIR/<name>.png` (a trailing .png in `name` is kept once)."""
     stem = name[:-4] if name.endswith(".png") else name
     return FIGURES_DIR / f"{stem}.png"
 
 
 def save_figure(fig: Figure | Axes, name: str, dpi: int = 110) -> Path:
-    """Save a figure (or the figure of an Axes) to `<repo>/figures/<name>.png`, creating figures/ if missing.
+    """Save a figure (or the figure of an Axes) to `FIGURES_DIR/<name>.png`, creating the folder if missing.
 
     Returns the path, so a notebook can print where the picture went. Metadata is stripped so that re-running a
     notebook leaves an unchanged PNG unchanged in git.

@@ -1,7 +1,8 @@
 """mistral_tutorial: Mistral 7B and Mixtral 8x7B from scratch, one module per idea, checked against transformers."""
 
 from . import loading, presets
-from .attention import Attention, attention_weights, repeat_kv, sliding_window_mask, window_mask
+from .attention import Attention, attention_weights, repeat_kv
+from .build import upcycle
 from .cache import KVCache
 from .config import ModelConfig
 from .embedding import RMSNorm, TokenEmbedding, rms_norm
@@ -9,8 +10,9 @@ from .errors import CheckpointConfigError, CheckpointError, ConfigError
 from .feedforward import FeedForward
 from .gating import NoisyTopKGate, load_balancing_loss
 from .generation import generate, sample_next
+from .masks import sliding_window_mask, window_mask
 from .model import Transformer, TransformerBlock
-from .moe import MoeLayer, route, route_paper, upcycle
+from .moe import MoeLayer, route, route_paper
 from .packed import pack_for_decode, unpack
 from .rope import RotaryEmbedding, apply_rope, half_to_interleaved, interleaved_to_half, rotate_half
 from .tokenizer import MistralTokenizer

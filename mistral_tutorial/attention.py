@@ -1,4 +1,4 @@
-"""Causal self-attention with grouped-query heads (Ainslie et al. 2023) and Mistral's sliding-window mask.
+"""Causal self-attention with grouped-query heads (Ainslie et al. 2023), masked by Mistral's sliding window (masks.py).
 
 Mistral 7B §2: "each token can attend to at most W tokens from the previous layer": query i sees key j iff
 i - W < j <= i (W keys, itself included). W = None is full causal attention.
@@ -13,36 +13,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .masks import sliding_window_mask, window_mask  # noqa: F401  (mt.attention.window_mask, as before)
 from .rope import apply_rope
 
 if TYPE_CHECKING:  # pragma: no cover
     from .cache import KVCache
-
-
-def sliding_window_mask(seq_len: int, window: int | None, device: torch.device | str | None = None) -> torch.Tensor:
-    """Boolean (T, T) mask, True where query i may attend key j: i - window < j <= i.
-
-    window=None gives the plain causal mask (j <= i). Covers one sequence without a cache; the cached case, where
-    queries and keys come from different ranges, is `window_mask` below and `cache.py`.
-    """
-    positions = torch.arange(seq_len, device=device)
-    return window_mask(positions, positions, window)
-
-
-def window_mask(query_pos: torch.Tensor, key_pos: torch.Tensor, window: int | None) -> torch.Tensor:
-    """Boolean (..., Tq, Tk) mask for queries at `query_pos` (..., Tq) and keys at `key_pos` (..., Tk).
-
-    True where key_pos <= query_pos and, with a window W, key_pos > query_pos - W.
-    """
-    if window is not None and window < 1:
-        raise ValueError(f"sliding window must be >= 1 (or None for full attention), got {window}")
-    q = query_pos[..., :, None]                                    # (..., Tq, 1)
-    k = key_pos[..., None, :]                                      # (..., 1, Tk)
-    # Mistral 7B §2: causal, and at most W keys back (itself included)
-    allowed = k <= q
-    if window is not None:
-        allowed = allowed & (k > q - window)
-    return allowed
 
 
 def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:

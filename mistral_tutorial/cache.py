@@ -14,9 +14,18 @@ token may attend to, and its RoPE positions start at 0 on its first real token.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
-from .attention import window_mask
+from .masks import window_mask
+
+
+class ChunkAttention(NamedTuple):
+    """How a chunk attends, as `KVCache.begin` plans it: its boolean mask (or None), and whether it is plain causal."""
+
+    mask: torch.Tensor | None
+    is_causal: bool
 
 
 class CacheFullError(RuntimeError):
@@ -58,7 +67,6 @@ class KVCache:
                 raise ValueError(f"pad must have shape ({batch_size},), got {tuple(pad.shape)}")
             self.pad = pad if bool((pad > 0).any()) else None
         self.time = 0                       # tokens (padding included) seen so far: the next token's time index
-        self.causal = False                 # set by begin(): the chunk's mask is the plain causal one
         self.device = torch.device(device)
         self._plan: _ChunkPlan | None = None
 
@@ -78,15 +86,16 @@ class KVCache:
             return times[None]                                                              # (1, T)
         return (times[None] - self.pad[:, None]).clamp(min=0)                               # (B, T)
 
-    def begin(self, seq_len: int) -> torch.Tensor | None:
-        """Plan the next chunk of `seq_len` tokens; returns the boolean attention mask, (1 or B, 1, T, Tk) or None.
+    def begin(self, seq_len: int) -> ChunkAttention:
+        """Plan the next chunk of `seq_len` tokens; returns how it attends: (mask, is_causal).
 
-        After it, `self.causal` says whether the attention is exactly the plain causal mask over the chunk (the first
-        chunk, no padding, no window cut), so the model can use the faster is_causal attention instead of a mask.
+        mask: boolean (1 or B, 1, T, Tk), True where attention is allowed, or None (nothing to mask). is_causal: that
+        mask is exactly the plain causal one over the chunk (the first chunk, no padding, no window cut), so the model
+        can use the faster is_causal attention instead.
         """
         t0, size = self.time, self.size
-        self.causal = (t0 == 0 and self.pad is None and seq_len > 1
-                       and (self.window is None or seq_len <= self.window) and seq_len <= size)
+        causal = (t0 == 0 and self.pad is None and seq_len > 1
+                  and (self.window is None or seq_len <= self.window) and seq_len <= size)
         if (self.window is None or size < self.window) and t0 + seq_len > size:
             raise CacheFullError(f"the cache was allocated for {size} positions (max_len) and cannot roll over "
                                  f"without a window of that size: {t0} + {seq_len} new tokens do not fit. "
@@ -113,7 +122,7 @@ class KVCache:
         # one query sees every key the buffer holds (S = W keeps exactly its window): no mask unless there is padding
         mask = self._mask(new_times, key_times, needs_mask=seq_len > 1)
         self._plan = _ChunkPlan(seq_len, write_first, n_keys, kept, first_slot, contiguous, slots, slot_time_after)
-        return mask
+        return ChunkAttention(mask, causal)
 
     def _mask(self, query_times: torch.Tensor, key_times: torch.Tensor, needs_mask: bool) -> torch.Tensor | None:
         if not needs_mask and self.pad is None:

@@ -54,21 +54,13 @@ class _Tokenizer:
     """Text <-> ids for whichever checkpoint was loaded, with a chat template where the model has one."""
 
     def __init__(self, path: Path) -> None:
-        self.hf = None
-        self.mistral = None
-        if path.suffix == ".gguf":
-            import transformers
+        from .resolve import tokenizer_for
+        from .tokenizer import MistralTokenizer, SubsetTokenizer
 
-            self.hf = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-        elif (path / "params.json").is_file():
-            from .tokenizer import MistralTokenizer
-
-            local = path / "tokenizer.model"
-            self.mistral = MistralTokenizer(local if local.is_file() else None)
-        else:
-            import transformers
-
-            self.hf = transformers.AutoTokenizer.from_pretrained(str(path))
+        tokenizer = tokenizer_for(path)                   # the one resolver, shared with `route`
+        ours = isinstance(tokenizer, (MistralTokenizer, SubsetTokenizer))
+        self.hf = None if ours else tokenizer
+        self.mistral = tokenizer if ours else None
 
     def encode_prompt(self, prompt: str, chat: bool) -> list[int]:
         if self.hf is not None:
@@ -216,9 +208,38 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _route(args: argparse.Namespace) -> int:
-    from .routing import route_command
+    """`mistral-tutorial route TEXT --out FILE.png [--model PATH] [--layer N]`: Fig 8 for one text, one layer."""
+    from .resolve import load_model_and_tokenizer
+    from .routing import _require_experts, expert_assignments
+    from .tokenizer import SubsetTokenizer, token_strings
+    from .viz import draw_routed_text
 
-    return route_command(args)
+    if not args.text.strip():
+        raise ValueError("the text is empty")
+    if getattr(args, "device", "cpu").startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("--device cuda asked for, but torch sees no CUDA device; use --device cpu")
+    model, tokenizer, name = load_model_and_tokenizer(args.model, DTYPES[getattr(args, "dtype", "float32")], getattr(args, "device", "cpu"))
+    _require_experts(model)
+    n_layers = model.config.n_layers
+    layer = n_layers // 2 if args.layer is None else args.layer
+    if not 0 <= layer < n_layers:
+        raise ValueError(f"--layer {args.layer}: the model has layers 0..{n_layers - 1}")
+    ids = tokenizer.encode(args.text)
+    experts = expert_assignments(model, ids)[layer]                               # (T, k)
+    bos = getattr(tokenizer, "bos_id", getattr(tokenizer, "bos_token_id", None))
+    shown = [i for i, token_id in enumerate(ids) if token_id != bos]              # <s> is routed, not drawn
+    # the tiny model's tokenizer maps pieces it never saw to <unk>; draw the text's own pieces
+    strings = (tokenizer.base.pieces(tokenizer.base.encode(args.text)) if isinstance(tokenizer, SubsetTokenizer)
+               else token_strings(tokenizer, ids))
+    ax = draw_routed_text([strings[i] for i in shown], experts[shown], model.config.n_experts,
+                          title=f"{name}, layer {layer} of {n_layers}: tokens coloured by first-choice expert")
+    out = Path(args.out).expanduser()                     # the CLI checked it: a .png in a folder that exists
+    ax.figure.savefig(out, format="png", dpi=110, bbox_inches="tight", metadata={"Software": None})
+    import matplotlib.pyplot as plt
+
+    plt.close(ax.figure)
+    print(f"wrote {out} ({len(shown)} tokens, layer {layer})")
+    return 0
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -274,7 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     route.add_argument("--out", type=check.png_out, required=True,
                        help="PNG file to write, exactly this path (its folder must exist)")
     route.add_argument("--model", type=check.existing_path,
-                       help="an MoE checkpoint (default: the tiny Mixtral in checkpoints/tiny-mixtral)")
+                       help="an MoE checkpoint (default: the tiny Mixtral the package ships, data/tiny-mixtral)")
     route.add_argument("--layer", type=check.int_at_least(0), default=None,
                        help="layer to colour by (default: the middle one)")
     route.add_argument("--device", type=check.device, default="cpu", help="e.g. cuda for real Mixtral weights")

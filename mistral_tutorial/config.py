@@ -110,20 +110,6 @@ class ModelConfig:
         return dataclasses.asdict(self)
 
     # ----------------------------------------------------------------------------------------------------------------
-    # Presets (also in `presets.py`)
-    @classmethod
-    def mistral_7b_v0_1(cls) -> ModelConfig:
-        from .presets import mistral_7b_v0_1
-
-        return mistral_7b_v0_1()
-
-    @classmethod
-    def mixtral_8x7b_v0_1(cls) -> ModelConfig:
-        from .presets import mixtral_8x7b_v0_1
-
-        return mixtral_8x7b_v0_1()
-
-    # ----------------------------------------------------------------------------------------------------------------
     # transformers configs
     @classmethod
     def from_hf(cls, hf_config: Any) -> ModelConfig:

@@ -15,14 +15,12 @@ and pydoc texts differ a little between Python versions; the math generator does
 
 from __future__ import annotations
 
-import json
 import math
 import random
 import re
 import sysconfig
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 DOMAINS = ("python", "prose", "math")
 
@@ -189,55 +187,3 @@ def split_corpus(corpus: dict[str, list[str]], held_out_fraction: float = 0.1, s
         train[domain] = [documents[i] for i in order[:-n_held_out]]
         held_out[domain] = [documents[i] for i in order[-n_held_out:]]
     return train, held_out
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-class SubsetTokenizer:
-    """The Mistral v0.1 tokenizer with its vocabulary cut to the pieces a corpus uses: model id i <-> Mistral id kept[i].
-
-    A tiny model then needs an embedding table of a few thousand rows instead of 32000. Text splits into exactly the
-    pieces the full tokenizer gives; a piece the corpus never used becomes `<unk>` (model id of Mistral id 0).
-    """
-
-    def __init__(self, kept_mistral_ids: list[int], base: Any = None) -> None:
-        from .tokenizer import MistralTokenizer
-
-        self.base = base if base is not None else MistralTokenizer()
-        self.kept = sorted(set(int(i) for i in kept_mistral_ids) | {0, 1, 2})      # <unk>, <s>, </s> always kept
-        self.index = {mistral_id: i for i, mistral_id in enumerate(self.kept)}
-        self.unk_id, self.bos_id, self.eos_id = self.index[0], self.index[1], self.index[2]
-
-    @classmethod
-    def from_texts(cls, texts: list[str]) -> SubsetTokenizer:
-        """Keep every piece the Mistral tokenizer uses on `texts`."""
-        from .tokenizer import MistralTokenizer
-
-        base = MistralTokenizer()
-        return cls(sorted({i for text in texts for i in base.encode(text, bos=False)}), base)
-
-    @property
-    def vocab_size(self) -> int:
-        return len(self.kept)
-
-    def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
-        """Model ids for `text` (pieces outside the kept vocabulary -> unk_id)."""
-        return [self.index.get(i, self.unk_id) for i in self.base.encode(text, bos=bos, eos=eos)]
-
-    def to_mistral(self, ids: list[int]) -> list[int]:
-        return [self.kept[int(i)] for i in ids]
-
-    def decode(self, ids: list[int]) -> str:
-        return self.base.decode(self.to_mistral(ids))
-
-    def pieces(self, ids: list[int]) -> list[str]:
-        """The Mistral piece of each model id ('▁' for a leading space, '<0x0A>' for a newline)."""
-        return self.base.pieces(self.to_mistral(ids))
-
-    def save(self, path: str | Path) -> None:
-        """Write `{"base": ..., "kept_mistral_ids": [...]}` as JSON (the vocab.json of a checkpoint folder)."""
-        payload = {"base": "Mistral v0.1 SentencePiece (mistral-common tokenizer.model.v1)", "kept_mistral_ids": self.kept}
-        Path(path).write_text(json.dumps(payload) + "\n")
-
-    @classmethod
-    def load(cls, path: str | Path) -> SubsetTokenizer:
-        return cls(json.loads(Path(path).read_text())["kept_mistral_ids"])

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .inputs import check_vocabulary
+
 
 class TokenEmbedding(nn.Embedding):
     """Row `i` of a (vocab_size, dim) table is the vector of token `i`: (B, T) int64 -> (B, T, dim).
@@ -15,10 +17,7 @@ class TokenEmbedding(nn.Embedding):
     def forward(self, token_ids: torch.Tensor) -> torch.Tensor:
         if token_ids.dtype not in (torch.int64, torch.int32):
             raise TypeError(f"token ids must be int64 or int32, got {token_ids.dtype}")
-        if token_ids.numel() and (int(token_ids.min()) < 0 or int(token_ids.max()) >= self.num_embeddings):
-            bad = token_ids[(token_ids < 0) | (token_ids >= self.num_embeddings)].unique()[:5].tolist()
-            raise ValueError(f"token ids {bad} lie outside the vocabulary [0, {self.num_embeddings}); "
-                             f"was the prompt encoded with this model's tokenizer?")
+        check_vocabulary(token_ids, self.num_embeddings)          # ids in [0, vocab_size), else which are not
         return super().forward(token_ids)
 
 

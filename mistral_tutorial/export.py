@@ -1,4 +1,6 @@
-"""Writing checkpoints in the hub's layout, tensor by tensor: config.json, safetensors shards and their index.
+"""Export: our model in transformers' layout (in memory, `to_hf`, or on disk) and in the mistral reference layout,
+named through the same table that loading.py reads (names.py); and writing checkpoints in the hub's layout, tensor by
+tensor: config.json, safetensors shards and their index.
 
 `write_random_checkpoint` makes a seeded random model of any config (Mistral-7B-v0.1 itself, for the real-size check)
 without ever holding more than one tensor in memory, so a 14.5 GB checkpoint can be written on a 24 GB machine.
@@ -8,13 +10,18 @@ from __future__ import annotations
 
 import json
 import struct
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm import tqdm
 
 from .config import ModelConfig
+from .errors import CheckpointError
+from .model import Transformer
+from .names import OUR_EXPERTS, hf_name, reference_name
+from .rope import half_to_interleaved
 
 _DTYPE_NAMES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
 
@@ -28,11 +35,72 @@ MISTRAL_7B_V0_1_CONFIG = {
 }
 
 
+def ours_to_hf_disk(state_dict: Mapping[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
+    """Our state dict -> transformers' on-disk names (Mixtral experts as block_sparse_moe.experts.N.w1...)."""
+    out = {}
+    for key, tensor in state_dict.items():
+        if OUR_EXPERTS.match(key):                                        # (E, out, in): one matrix per expert
+            out.update((hf_name(key, e), tensor[e]) for e in range(tensor.shape[0]))
+        else:
+            out[hf_name(key)] = tensor
+    return out
+
+
+def ours_to_reference(state_dict: Mapping[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
+    """Our state dict -> the mistral reference layout (inverse permutation of wq/wk, experts one by one)."""
+    out = {}
+    for key, tensor in state_dict.items():
+        if OUR_EXPERTS.match(key):
+            out.update((reference_name(key, e), tensor[e]) for e in range(tensor.shape[0]))
+        elif key.endswith("attention.wq.weight"):
+            out[reference_name(key)] = half_to_interleaved(tensor, config.n_heads)
+        elif key.endswith("attention.wk.weight"):
+            out[reference_name(key)] = half_to_interleaved(tensor, config.n_kv_heads)
+        else:
+            out[reference_name(key)] = tensor
+    return out
+
+
+def to_hf(model: Transformer, model_type: str | None = None) -> Any:
+    """A transformers *ForCausalLM holding a copy of this model's weights (Mixtral experts fused, as transformers 5.x keeps them).
+
+    model_type: 'mistral' (default for dense models, window or not), 'llama' (no window) or 'mixtral' (MoE).
+    """
+    import transformers
+
+    config = model.config
+    hf_config = config.to_hf(model_type)
+    hf_config._attn_implementation = "sdpa"
+    classes = {"mistral": transformers.MistralForCausalLM, "mixtral": transformers.MixtralForCausalLM,
+               "llama": transformers.LlamaForCausalLM}
+    with torch.device("meta"):
+        hf_model = classes[hf_config.model_type](hf_config)
+    hf_model = hf_model.to_empty(device=model.device).to(model.dtype)
+    ours = model.state_dict()
+    state: dict[str, torch.Tensor] = {}
+    for key, tensor in ours_to_hf_disk({k: v for k, v in ours.items() if not OUR_EXPERTS.match(k)}, config).items():
+        state[key.replace("block_sparse_moe.gate", "mlp.gate")] = tensor
+    if config.is_moe:
+        for i in range(config.n_layers):
+            w1, w2, w3 = (ours[f"layers.{i}.feed_forward.{n}"] for n in ("w1", "w2", "w3"))
+            state[f"model.layers.{i}.mlp.experts.gate_up_proj"] = torch.cat([w1, w3], dim=1)   # (E, 2I, H)
+            state[f"model.layers.{i}.mlp.experts.down_proj"] = w2                              # (E, H, I)
+    if config.tie_embeddings:
+        state.pop("lm_head.weight", None)
+    missing, unexpected = hf_model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not (config.tie_embeddings and k == "lm_head.weight")]
+    if missing or unexpected:
+        raise CheckpointError(f"to_hf: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    if config.tie_embeddings:
+        hf_model.tie_weights()
+    # non-persistent buffers (the rotary inv_freq) were left uninitialised by to_empty: build the module again
+    rotary = hf_model.model.rotary_emb
+    hf_model.model.rotary_emb = type(rotary)(config=hf_config).to(model.device)
+    return hf_model.eval()
+
+
 def hub_tensor_names(config: ModelConfig) -> list[tuple[str, tuple[int, ...]]]:
     """(name, shape) of every tensor of the hub layout (Mixtral experts one by one, as on disk), in the hub's order."""
-    from .loading import ours_to_hf_disk
-    from .model import Transformer
-
     with torch.device("meta"):
         state = Transformer(config).state_dict()
     if config.tie_embeddings:

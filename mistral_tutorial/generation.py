@@ -10,7 +10,15 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from .inputs import as_stop_tokens, as_token_batch, check_int, check_sampling, check_seed
+from .inputs import (
+    as_stop_tokens,
+    as_token_batch,
+    check_int,
+    check_positions,
+    check_sampling,
+    check_seed,
+    check_vocabulary,
+)
 from .model import Transformer
 from .packed import pack_for_decode
 
@@ -88,13 +96,10 @@ def generate(
     tokens, pad = as_token_batch(input_ids, model.device)
     stops = as_stop_tokens(stop_tokens, model.device)
     batch, prompt_len = tokens.shape
-    if int(tokens.min()) < 0 or int(tokens.max()) >= config.vocab_size:
-        bad = tokens[(tokens < 0) | (tokens >= config.vocab_size)].unique()[:5].tolist()
-        raise ValueError(f"token ids {bad} lie outside the vocabulary [0, {config.vocab_size})")
+    check_vocabulary(tokens, config.vocab_size)
     total = prompt_len + max_new_tokens
-    if config.sliding_window is None and total > config.max_position_embeddings:
-        raise ValueError(f"prompt ({prompt_len}) + max_new_tokens ({max_new_tokens}) = {total} exceeds "
-                         f"max_position_embeddings ({config.max_position_embeddings}) of a model without a window")
+    check_positions(total, config.max_position_embeddings, config.sliding_window,
+                    f"prompt ({prompt_len}) + max_new_tokens ({max_new_tokens}) = {total}")
     if max_new_tokens == 0:
         return tokens.new_empty((batch, 0))
     chunk = prefill_chunk_size or config.sliding_window or prompt_len

@@ -2,7 +2,8 @@
 
 Every check raises a TypeError or ValueError that names the argument, the value given and what would work, before any
 tensor reaches torch: a float token id is never truncated, a NaN temperature never reaches `torch.multinomial`.
-The vocabulary range is checked by generate() and the model, which know the vocabulary.
+The checks on token ids that the model and generate() share (the vocabulary range, the empty prompt, the position
+limit) are written here once, and both call them.
 """
 
 from __future__ import annotations
@@ -120,8 +121,7 @@ def as_token_batch(input_ids: Any, device: torch.device) -> tuple[torch.Tensor, 
             tensor = tensor[None]
         if tensor.dim() != 2:
             raise ValueError(f"input_ids must have shape (batch, seq_len), got {tuple(tensor.shape)}")
-        if tensor.shape[1] == 0:
-            raise ValueError("the prompt is empty: give at least one token, e.g. the BOS token")
+        check_not_empty(tensor.shape[1])
         return tensor.to(device), [0] * tensor.shape[0]
     if not isinstance(input_ids, Sequence):
         raise TypeError(f"input_ids must be a tensor, a list of token ids or a list of such lists, "
@@ -129,12 +129,36 @@ def as_token_batch(input_ids: Any, device: torch.device) -> tuple[torch.Tensor, 
     flat = any(_is_scalar(t) for t in input_ids)              # [1, 2.5, 3] is one row with a bad entry
     rows = [_token_row(input_ids, "input_ids", None)] if flat else [
         _token_row(row, "input_ids", i) for i, row in enumerate(input_ids)]
-    if not rows or any(len(r) == 0 for r in rows):
-        raise ValueError("the prompt is empty: give at least one token per row, e.g. the BOS token")
+    check_not_empty(min((len(r) for r in rows), default=0), per_row=len(rows) > 1)
     longest = max(len(r) for r in rows)
     pad = [longest - len(r) for r in rows]
     batch = torch.tensor([[0] * p + r for p, r in zip(pad, rows)], dtype=torch.long, device=device)
     return batch, pad
+
+
+def check_not_empty(seq_len: int, per_row: bool = False) -> None:
+    """An empty prompt (no token, or a row without one) is a ValueError."""
+    if seq_len == 0:
+        raise ValueError(f"the prompt is empty (seq_len = 0): give at least one token{' per row' if per_row else ''}, "
+                         f"e.g. the BOS token")
+
+
+def check_vocabulary(token_ids: torch.Tensor, vocab_size: int) -> None:
+    """Every id in [0, vocab_size), else a ValueError naming up to five of the others (one host-device sync)."""
+    if token_ids.numel() and (int(token_ids.min()) < 0 or int(token_ids.max()) >= vocab_size):
+        bad = token_ids[(token_ids < 0) | (token_ids >= vocab_size)].unique()[:5].tolist()
+        raise ValueError(f"token ids {bad} lie outside the vocabulary [0, {vocab_size}); "
+                         f"was the prompt encoded with this model's tokenizer?")
+
+
+def check_positions(end: int, max_positions: int, sliding_window: int | None, what: str | None = None) -> None:
+    """A model without a sliding window has positions 0 .. max_positions - 1 only: `end` tokens must fit them.
+
+    what: how the caller counts the tokens (e.g. "prompt (5) + max_new_tokens (7) = 12"); default "sequence of N tokens".
+    """
+    if sliding_window is None and end > max_positions:
+        raise ValueError(f"{what or f'sequence of {end} tokens'} exceeds max_position_embeddings ({max_positions}) "
+                         f"of a model without a sliding window")
 
 
 def as_stop_tokens(stop_tokens: Any, device: torch.device) -> torch.Tensor:

@@ -1,21 +1,18 @@
 """Weight loading: from a transformers model instance, a transformers checkpoint directory, a mistral reference folder
 (params.json + consolidated.safetensors or .pth) or a GGUF file, streamed tensor by tensor.
 
-Every path goes through `_assemble`: it maps each tensor of the file to the model's name (checkpoint.py reads the
-headers), checks names and shapes before reading any data (a missing, unexpected or mis-shaped tensor is a
-CheckpointError naming the file, the key and both shapes: nothing is ever initialised at random), then reads one
-tensor at a time into a model built on the `meta` device. Memory: a tensor in the checkpoint's dtype stays backed by
-the memory-mapped file (zero-copy, as transformers does); any other is read, converted and placed (or packed, see
-packed.py) before the next is read. So the peak is about the model's own bytes.
+formats.py says what is at a path (format, files, config); names.py maps each tensor of the file to the model's name.
+Every path goes through `_assemble`: it checks names and shapes before reading any data (a missing, unexpected or
+mis-shaped tensor is a CheckpointError naming the file, the key and both shapes: nothing is ever initialised at
+random), then reads one tensor at a time into a model built on the `meta` device. Memory: a tensor in the checkpoint's
+dtype stays backed by the memory-mapped file (zero-copy, as transformers does); any other is read, converted and placed
+(or packed, see packed.py) before the next is read. So the peak is about the model's own bytes. The other direction,
+our model in those layouts, is export.py.
 """
 
 from __future__ import annotations
 
-import json
-import math
-import re
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -23,96 +20,15 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from .checkpoint import TensorSource, open_gguf, trim_heap
+from .checkpoint import TensorSource, trim_heap
 from .config import ModelConfig
 from .errors import CheckpointError
-from .model import Transformer
+from .export import ours_to_hf_disk, ours_to_reference, to_hf  # noqa: F401  (the export side, mt.loading.to_hf as before)
+from .formats import checkpoint_dtype, open_checkpoint
+from .model import Transformer, register_loader
+from .names import IGNORED, Target, targets
 from .packed import can_pack, decode_groups, pack_group
-from .rope import half_to_interleaved, interleaved_to_half
 from .sharding import Parallelism
-
-# transformers name (after `model.`) -> our name. {i} is the layer index.
-_HF_TO_OURS = {
-    "embed_tokens.weight": "tok_embeddings.weight",
-    "norm.weight": "norm.weight",
-    "layers.{i}.input_layernorm.weight": "layers.{i}.attention_norm.weight",
-    "layers.{i}.post_attention_layernorm.weight": "layers.{i}.ffn_norm.weight",
-    "layers.{i}.self_attn.q_proj.weight": "layers.{i}.attention.wq.weight",
-    "layers.{i}.self_attn.k_proj.weight": "layers.{i}.attention.wk.weight",
-    "layers.{i}.self_attn.v_proj.weight": "layers.{i}.attention.wv.weight",
-    "layers.{i}.self_attn.o_proj.weight": "layers.{i}.attention.wo.weight",
-    "layers.{i}.mlp.gate_proj.weight": "layers.{i}.feed_forward.w1.weight",
-    "layers.{i}.mlp.down_proj.weight": "layers.{i}.feed_forward.w2.weight",
-    "layers.{i}.mlp.up_proj.weight": "layers.{i}.feed_forward.w3.weight",
-    # Mixtral router: transformers 5.x in memory (`mlp.gate`) and on disk (`block_sparse_moe.gate`)
-    "layers.{i}.mlp.gate.weight": "layers.{i}.feed_forward.gate.weight",
-    "layers.{i}.block_sparse_moe.gate.weight": "layers.{i}.feed_forward.gate.weight",
-}
-_HF_PATTERNS = [(re.compile("^" + re.escape(k).replace(r"\{i\}", r"(\d+)") + "$"), v) for k, v in _HF_TO_OURS.items()]
-_DISK_EXPERT = re.compile(r"^layers\.(\d+)\.block_sparse_moe\.experts\.(\d+)\.(w[123])\.weight$")
-_FUSED_EXPERT = re.compile(r"^layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)$")
-_REF_EXPERT = re.compile(r"^layers\.(\d+)\.feed_forward\.experts\.(\d+)\.(w[123])\.weight$")
-# GGUF (llama.cpp) name -> ours; q/k rows are in llama.cpp's interleaved order, like the reference's
-_GGUF_GLOBAL = {"token_embd.weight": "tok_embeddings.weight", "output_norm.weight": "norm.weight",
-                "output.weight": "output.weight"}
-_GGUF_BLOCK = {      # blk.N.<name> -> layers.N.<ours>
-    "attn_norm.weight": "attention_norm.weight", "ffn_norm.weight": "ffn_norm.weight",
-    "attn_q.weight": "attention.wq.weight", "attn_k.weight": "attention.wk.weight",
-    "attn_v.weight": "attention.wv.weight", "attn_output.weight": "attention.wo.weight",
-    "ffn_gate.weight": "feed_forward.w1.weight", "ffn_up.weight": "feed_forward.w3.weight",
-    "ffn_down.weight": "feed_forward.w2.weight", "ffn_gate_inp.weight": "feed_forward.gate.weight",
-    "ffn_gate_exps.weight": "feed_forward.w1", "ffn_up_exps.weight": "feed_forward.w3",
-    "ffn_down_exps.weight": "feed_forward.w2",
-}
-_IGNORED = re.compile(r"rotary_emb\.inv_freq$")     # a buffer derived from rope_theta, kept by some old checkpoints
-
-
-@dataclass(frozen=True)
-class Target:
-    """Where one checkpoint tensor goes: our state-dict key, the expert slot of a stacked (E, ...) tensor, and a
-    transform to apply first (un-permuting q/k rows, splitting transformers' fused gate_up)."""
-
-    key: str
-    expert: int | None = None
-    transform: Callable[[torch.Tensor], torch.Tensor] | None = None
-
-
-def targets(name: str, fmt: str, config: ModelConfig) -> list[Target]:
-    """The places in our model of tensor `name` of a checkpoint in format 'hf', 'reference' or 'gguf' ([] if none)."""
-    unpermute_q = lambda t: interleaved_to_half(t, config.n_heads)         # noqa: E731
-    unpermute_k = lambda t: interleaved_to_half(t, config.n_kv_heads)      # noqa: E731
-    if fmt == "hf":
-        if name == "lm_head.weight":
-            return [Target("output.weight")]
-        short = name[len("model."):] if name.startswith("model.") else name
-        if m := _DISK_EXPERT.match(short):
-            return [Target(f"layers.{m[1]}.feed_forward.{m[3]}", int(m[2]))]
-        if m := _FUSED_EXPERT.match(short):                                # in memory: gate_up (E, 2I, H), down
-            if m[2] == "down_proj":
-                return [Target(f"layers.{m[1]}.feed_forward.w2")]
-            return [Target(f"layers.{m[1]}.feed_forward.w1", None, lambda t: t.chunk(2, dim=1)[0]),
-                    Target(f"layers.{m[1]}.feed_forward.w3", None, lambda t: t.chunk(2, dim=1)[1])]
-        for pattern, target in _HF_PATTERNS:
-            if m := pattern.match(short):
-                return [Target(target.replace("{i}", m[1]) if m.groups() else target)]
-        return []
-    if fmt == "reference":
-        if m := _REF_EXPERT.match(name):
-            return [Target(f"layers.{m[1]}.feed_forward.{m[3]}", int(m[2]))]
-        if name.endswith("attention.wq.weight"):
-            return [Target(name, None, unpermute_q)]
-        if name.endswith("attention.wk.weight"):
-            return [Target(name, None, unpermute_k)]
-        return [Target(name)]
-    if fmt == "gguf":
-        if name in _GGUF_GLOBAL:
-            return [Target(_GGUF_GLOBAL[name])]
-        m = re.match(r"^blk\.(\d+)\.(.+)$", name)
-        if m is None or m[2] not in _GGUF_BLOCK:
-            return []
-        transform = {"attn_q.weight": unpermute_q, "attn_k.weight": unpermute_k}.get(m[2])
-        return [Target(f"layers.{m[1]}.{_GGUF_BLOCK[m[2]]}", None, transform)]
-    raise ValueError(f"unknown checkpoint format {fmt!r}")
 
 
 def _rename(state_dict: Mapping[str, torch.Tensor], fmt: str, config: ModelConfig) -> dict[str, torch.Tensor]:
@@ -141,84 +57,9 @@ def hf_to_ours(state_dict: Mapping[str, torch.Tensor], config: ModelConfig) -> d
     return _rename(state_dict, "hf", config)
 
 
-def ours_to_hf_disk(state_dict: Mapping[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
-    """Our state dict -> transformers' on-disk names (Mixtral experts as block_sparse_moe.experts.N.w1...)."""
-    reverse = {v: k for k, v in _HF_TO_OURS.items() if "block_sparse_moe" not in k}
-    if config.is_moe:
-        reverse["layers.{i}.feed_forward.gate.weight"] = "layers.{i}.block_sparse_moe.gate.weight"
-    out = {}
-    for key, tensor in state_dict.items():
-        if key == "output.weight":
-            out["lm_head.weight"] = tensor
-            continue
-        m = re.match(r"^layers\.(\d+)\.feed_forward\.(w[123])$", key)
-        if m:
-            for e in range(tensor.shape[0]):
-                out[f"model.layers.{m[1]}.block_sparse_moe.experts.{e}.{m[2]}.weight"] = tensor[e]
-            continue
-        generic = re.sub(r"^layers\.(\d+)\.", "layers.{i}.", key)
-        layer = re.match(r"^layers\.(\d+)\.", key)
-        name = reverse[generic]
-        out["model." + (name.replace("{i}", layer[1]) if layer else name)] = tensor
-    return out
-
-
 def reference_to_ours(state_dict: Mapping[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
     """A mistral reference state dict (interleaved q/k rows, experts one by one) -> ours."""
     return _rename(state_dict, "reference", config)
-
-
-def ours_to_reference(state_dict: Mapping[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
-    """Our state dict -> the mistral reference layout (inverse permutation of wq/wk, experts one by one)."""
-    out = {}
-    for key, tensor in state_dict.items():
-        m = re.match(r"^layers\.(\d+)\.feed_forward\.(w[123])$", key)
-        if m:
-            for e in range(tensor.shape[0]):
-                out[f"layers.{m[1]}.feed_forward.experts.{e}.{m[2]}.weight"] = tensor[e]
-        elif key.endswith("attention.wq.weight"):
-            out[key] = half_to_interleaved(tensor, config.n_heads)
-        elif key.endswith("attention.wk.weight"):
-            out[key] = half_to_interleaved(tensor, config.n_kv_heads)
-        else:
-            out[key] = tensor
-    return out
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-def load_state_dict_strict(model: Transformer, state_dict: Mapping[str, torch.Tensor], source: str = "checkpoint"
-                           ) -> None:
-    """Copy tensors into the model; raise CheckpointError naming every missing/unexpected key or shape mismatch."""
-    expected = model.state_dict()
-    if model.config.tie_embeddings:
-        expected.pop("output.weight", None)
-        state_dict = {k: v for k, v in state_dict.items() if k != "output.weight"}
-    missing = sorted(set(expected) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(expected))
-    problems = []
-    if missing:
-        problems.append(f"missing keys: {missing[:8]}{' ...' if len(missing) > 8 else ''}")
-    if unexpected:
-        problems.append(f"unexpected keys: {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
-    for key in sorted(set(expected) & set(state_dict)):
-        if tuple(expected[key].shape) != tuple(state_dict[key].shape):
-            problems.append(f"shape mismatch for {key}: the model expects {tuple(expected[key].shape)}, "
-                            f"the {source} has {tuple(state_dict[key].shape)}")
-    if problems:
-        raise CheckpointError(f"{source} does not fit the model ({model.config}):\n  " + "\n  ".join(problems))
-    with torch.no_grad():
-        for key, param in model.state_dict().items():
-            if key in state_dict:
-                param.copy_(state_dict[key])
-
-
-def _empty_model(config: ModelConfig, dtype: torch.dtype, device: str | torch.device) -> Transformer:
-    with torch.device("meta"):
-        model = Transformer(config)
-    model = model.to_empty(device=device).to(dtype)          # storage only: every weight is copied in next
-    if config.tie_embeddings:
-        model.output.weight = model.tok_embeddings.weight
-    return model
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -234,7 +75,7 @@ def _plan(source: TensorSource, fmt: str, config: ModelConfig, expected: dict[st
     covered: dict[str, set[int] | None] = {}
     for name, info in source.infos.items():
         places = targets(name, fmt, config)
-        if not places and _IGNORED.search(name):
+        if not places and IGNORED.search(name):
             continue
         if config.tie_embeddings and [t.key for t in places] == ["output.weight"]:
             continue                                      # a tied head stored anyway: the embedding is the head
@@ -410,130 +251,6 @@ def from_hf(hf_model: Any, fast: bool = False, parallel: str | None = None) -> T
     return _assemble(source, "hf", config, param.dtype, param.device, fast, share)
 
 
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError, RecursionError) as err:        # unreadable, not UTF-8, not JSON, nested too deep
-        raise CheckpointError(f"{path}: not valid JSON ({type(err).__name__}: {str(err)[:200]})") from None
-
-
-def _safetensors_files(folder: Path) -> tuple[list[Path], dict[str, str] | None]:
-    """The shards of a transformers folder and the index's weight_map: those model.safetensors.index.json names, else
-    every *.safetensors (and None)."""
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        data = _read_json(index)
-        weight_map = data.get("weight_map") if isinstance(data, dict) else None
-        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-            raise CheckpointError(f"{index}: has no weight_map {{tensor name: shard file name}}")
-        outside = sorted(v for v in set(weight_map.values()) if Path(v).name != v or v in ("", ".", ".."))
-        if outside:                  # (not resolved: the hub's cache holds the shards as links to its blobs)
-            raise CheckpointError(f"{index} names shards outside its folder: {outside}")
-        files = [folder / f for f in sorted(set(weight_map.values()))]
-        absent = [f.name for f in files if not f.is_file()]
-        if absent:
-            raise CheckpointError(f"{index} names shards that are not there: {absent}")
-        return files, weight_map
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        raise CheckpointError(f"{folder} has config.json but no *.safetensors weights")
-    return files, None
-
-
-def _check_index(index: Path, weight_map: dict[str, str], source: TensorSource) -> None:
-    """The index and the shards' headers must agree tensor for tensor: a tensor the index names in a shard that lacks
-    it, or one a shard holds that the index leaves out, means the files do not belong together."""
-    problems = []
-    for name, shard in weight_map.items():
-        info = source.infos.get(name)
-        if info is None:
-            problems.append(f"{name}: the index puts it in {shard}, which lacks it")
-        elif info.file.name != shard:
-            problems.append(f"{name}: the index puts it in {shard}, it is in {info.file.name}")
-    problems += [f"{name}: in {info.file.name}, but not in the index" for name, info in source.infos.items()
-                 if name not in weight_map]
-    if problems:
-        raise CheckpointError(f"{index} does not match its shards ({len(problems)} problems; write the checkpoint "
-                              f"again):\n  " + "\n  ".join(problems[:8]) + ("\n  ..." if len(problems) > 8 else ""))
-
-
-def _gguf_config(metadata: dict[str, Any], source: TensorSource, path: Path) -> ModelConfig:
-    """ModelConfig from a GGUF file's `llama.*` metadata (llama.cpp writes Llama, Mistral and Mixtral as 'llama')."""
-    arch = metadata.get("general.architecture")
-    if arch != "llama":
-        raise CheckpointError(f"{path}: GGUF architecture {arch!r} is not supported (expected 'llama': Llama, Mistral "
-                              f"and Mixtral as llama.cpp's converter writes them)")
-
-    def field(name: str, default: Any = None) -> Any:
-        value = metadata.get(f"llama.{name}", default)
-        if value is None:
-            raise CheckpointError(f"{path}: GGUF metadata lacks llama.{name}")
-        return value
-
-    n_heads, dim = field("attention.head_count"), field("embedding_length")
-    if not isinstance(n_heads, int) or n_heads <= 0:
-        raise CheckpointError(f"{path}: GGUF field llama.attention.head_count = {n_heads!r} is not a positive int")
-    head_dim = metadata.get("llama.attention.key_length", dim // n_heads if isinstance(dim, int) else None)
-    rotary = metadata.get("llama.rope.dimension_count", head_dim)
-    if rotary != head_dim:
-        raise CheckpointError(f"{path}: GGUF field llama.rope.dimension_count = {rotary} (partial rotary) is not "
-                              f"implemented; head_dim is {head_dim}")
-    embedding = source.infos.get("token_embd.weight")
-    rope_scaling = _gguf_rope_scaling(metadata, path)
-    try:
-        return ModelConfig(
-            vocab_size=metadata.get("llama.vocab_size") or (embedding.shape[0] if embedding else 0),
-            dim=dim, n_layers=field("block_count"), n_heads=n_heads,
-            n_kv_heads=field("attention.head_count_kv", n_heads), head_dim=head_dim,
-            hidden_dim=field("feed_forward_length"), norm_eps=float(field("attention.layer_norm_rms_epsilon")),
-            rope_theta=float(field("rope.freq_base", 10000.0)), sliding_window=None,
-            max_position_embeddings=field("context_length"), n_experts=field("expert_count", 0),
-            experts_per_token=field("expert_used_count", 2), tie_embeddings="output.weight" not in source.infos,
-            rope_scaling=rope_scaling)
-    except (ValueError, TypeError) as err:
-        raise CheckpointError(f"{path}: GGUF metadata does not describe a model this library builds: {err}") from None
-
-
-def _gguf_rope_scaling(metadata: dict[str, Any], path: Path) -> dict[str, Any] | None:
-    """ModelConfig.rope_scaling from llama.cpp's `llama.rope.scaling.*` keys, as llama.cpp reads them: a factor
-    (`rope.scaling.factor`, or the older `rope.scale_linear`) with type 'linear' or no type is linear scaling (every
-    frequency divided by the factor). Any other type, or a factor next to type 'none', is refused naming the field."""
-    known = {"llama.rope.scaling.type", "llama.rope.scaling.factor", "llama.rope.scale_linear",
-             "llama.rope.scaling.original_context_length", "llama.rope.scaling.finetuned"}   # the last two: linear ignores
-    other = sorted(k for k in metadata if k.startswith(("llama.rope.scaling.", "llama.rope.scale_")) and k not in known)
-    if other:
-        raise CheckpointError(f"{path}: GGUF rope scaling field(s) {other} are not implemented")
-    kind = metadata.get("llama.rope.scaling.type")
-    key = "llama.rope.scaling.factor" if "llama.rope.scaling.factor" in metadata else "llama.rope.scale_linear"
-    factor = metadata.get(key)
-    if kind not in (None, "none", "linear"):
-        raise CheckpointError(f"{path}: GGUF field llama.rope.scaling.type = {kind!r} is not implemented (this library "
-                              f"implements 'linear' and 'none')")
-    if factor is not None and (not isinstance(factor, (int, float)) or isinstance(factor, bool)
-                               or not math.isfinite(factor) or factor <= 0):
-        raise CheckpointError(f"{path}: GGUF field {key} = {factor!r} is not a finite number > 0")
-    if kind == "none":
-        if factor not in (None, 1.0):
-            raise CheckpointError(f"{path}: GGUF fields llama.rope.scaling.type = 'none' and {key} = {factor} "
-                                  f"contradict each other; remove one")
-        return None
-    if kind == "linear" and factor is None:
-        raise CheckpointError(f"{path}: GGUF field llama.rope.scaling.type = 'linear' comes without "
-                              f"llama.rope.scaling.factor")
-    if factor is None or (kind is None and factor == 1.0):
-        return None
-    return {"rope_type": "linear", "factor": float(factor)}
-
-
-def _checkpoint_dtype(source: TensorSource) -> torch.dtype:
-    """The dtype most of the checkpoint's bytes are in (fp32 for GGUF, which is dequantized)."""
-    counts: dict[torch.dtype, int] = {}
-    for info in source.infos.values():
-        dtype = info.dtype if isinstance(info.dtype, torch.dtype) else torch.float32
-        counts[dtype] = counts.get(dtype, 0) + int(torch.Size(info.shape).numel())
-    return max(counts, key=counts.get) if counts else torch.float32
-
-
 def load_pretrained(path: str | Path, dtype: torch.dtype | str = torch.float32, device: str | torch.device = "cpu",
                     fast: bool = True, parallel: str | None = None, **overrides: Any) -> Transformer:
     """Detect the checkpoint format at `path` and stream it into a model (see the module docstring).
@@ -544,71 +261,11 @@ def load_pretrained(path: str | Path, dtype: torch.dtype | str = torch.float32, 
     to load only this rank's share of the model (sharding.py; torch.distributed must be initialised).
     """
     share = Parallelism.current(parallel) if parallel is not None else None
-    path = Path(path).expanduser()
-    if not path.exists():
-        raise FileNotFoundError(f"no checkpoint at {path}")
-    if path.is_file() and path.suffix == ".gguf":
-        metadata, source = open_gguf(path)
-        config, fmt = _gguf_config(metadata, source, path), "gguf"
-    elif path.is_dir() and (path / "config.json").is_file():
-        config = ModelConfig.from_hf(path / "config.json")                   # its errors name the file
-        files, weight_map = _safetensors_files(path)
-        source = TensorSource.from_safetensors(files, f"transformers checkpoint {path}")
-        if weight_map is not None:
-            _check_index(path / "model.safetensors.index.json", weight_map, source)
-        fmt = "hf"
-    elif path.is_dir() and (path / "params.json").is_file():
-        config = ModelConfig.from_params(path / "params.json")
-        if files := sorted(path.glob("consolidated*.safetensors")):
-            source = TensorSource.from_safetensors(files, f"reference checkpoint {path}")
-        elif files := sorted(path.glob("consolidated*.pth")):
-            source = TensorSource.from_torch(files, f"reference checkpoint {path}")
-        else:
-            raise CheckpointError(f"{path} has params.json but no consolidated.safetensors (or consolidated.00.pth)")
-        fmt = "reference"
-    else:
-        raise CheckpointError(
-            f"unknown checkpoint format at {path}: expected a .gguf file, a transformers directory (config.json + "
-            f"*.safetensors) or a mistral reference folder (params.json + consolidated.safetensors)")
+    source, fmt, config = open_checkpoint(path)
     if dtype == "auto":
-        dtype = _checkpoint_dtype(source)
+        dtype = checkpoint_dtype(source)
     return _assemble(source, fmt, config.replace(**overrides), dtype, device, fast, share)
 
 
-def to_hf(model: Transformer, model_type: str | None = None) -> Any:
-    """A transformers *ForCausalLM holding a copy of this model's weights (Mixtral experts fused, as transformers 5.x keeps them).
-
-    model_type: 'mistral' (default for dense models, window or not), 'llama' (no window) or 'mixtral' (MoE).
-    """
-    import transformers
-
-    config = model.config
-    hf_config = config.to_hf(model_type)
-    hf_config._attn_implementation = "sdpa"
-    classes = {"mistral": transformers.MistralForCausalLM, "mixtral": transformers.MixtralForCausalLM,
-               "llama": transformers.LlamaForCausalLM}
-    with torch.device("meta"):
-        hf_model = classes[hf_config.model_type](hf_config)
-    hf_model = hf_model.to_empty(device=model.device).to(model.dtype)
-    ours = model.state_dict()
-    state: dict[str, torch.Tensor] = {}
-    for key, tensor in ours_to_hf_disk({k: v for k, v in ours.items() if not re.match(
-            r"^layers\.\d+\.feed_forward\.w[123]$", k) or not config.is_moe}, config).items():
-        state[key.replace("block_sparse_moe.gate", "mlp.gate")] = tensor
-    if config.is_moe:
-        for i in range(config.n_layers):
-            w1, w2, w3 = (ours[f"layers.{i}.feed_forward.{n}"] for n in ("w1", "w2", "w3"))
-            state[f"model.layers.{i}.mlp.experts.gate_up_proj"] = torch.cat([w1, w3], dim=1)   # (E, 2I, H)
-            state[f"model.layers.{i}.mlp.experts.down_proj"] = w2                              # (E, H, I)
-    if config.tie_embeddings:
-        state.pop("lm_head.weight", None)
-    missing, unexpected = hf_model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not (config.tie_embeddings and k == "lm_head.weight")]
-    if missing or unexpected:
-        raise CheckpointError(f"to_hf: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    if config.tie_embeddings:
-        hf_model.tie_weights()
-    # non-persistent buffers (the rotary inv_freq) were left uninitialised by to_empty: build the module again
-    rotary = hf_model.model.rotary_emb
-    hf_model.model.rotary_emb = type(rotary)(config=hf_config).to(model.device)
-    return hf_model.eval()
+register_loader("from_hf", from_hf)                    # Transformer.from_hf and .from_pretrained hand over to these
+register_loader("from_pretrained", load_pretrained)

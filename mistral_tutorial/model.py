@@ -6,6 +6,7 @@ Parameter names follow the reference implementation (mistral-inference): `tok_em
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -13,13 +14,31 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import Attention, sliding_window_mask
+from .attention import Attention
 from .cache import KVCache
 from .config import ModelConfig
 from .embedding import RMSNorm, TokenEmbedding
 from .feedforward import FeedForward
+from .inputs import check_not_empty, check_positions
+from .masks import sliding_window_mask
 from .packed import PackedLinear, pack_for_decode
 from .rope import RotaryEmbedding
+
+# Readers of checkpoints live in loading.py, which builds models; a model never calls loading (STYLE §10). loading.py
+# registers its readers here when the package is imported, and the classmethods below hand over to them.
+_LOADERS: dict[str, Callable[..., Transformer]] = {}
+
+
+def register_loader(name: str, loader: Callable[..., Transformer]) -> None:
+    """Make `Transformer.<name>` (from_hf, from_pretrained) call `loader`; loading.py does this at import."""
+    _LOADERS[name] = loader
+
+
+def _loader(name: str) -> Callable[..., Transformer]:
+    if name not in _LOADERS:
+        raise RuntimeError(f"Transformer.{name} needs mistral_tutorial.loading, which registers it: "
+                           f"import mistral_tutorial (or mistral_tutorial.loading) first")
+    return _LOADERS[name]
 
 
 class TransformerBlock(nn.Module):
@@ -162,9 +181,8 @@ class Transformer(nn.Module):
             if cache.batch_size != batch:
                 raise ValueError(f"the cache was made for batch size {cache.batch_size}, tokens have {batch} rows")
             positions = cache.positions(seq_len)                                           # (1 or B, T)
-            mask = cache.begin(seq_len)                                                    # (1|B, 1, T, Tk) or None
-            if cache.causal:                                                               # first chunk: plain causal
-                mask, is_causal = None, True
+            attend = cache.begin(seq_len)                                                  # the cache's plan
+            mask, is_causal = (None, True) if attend.is_causal else (attend.mask, False)   # (1|B, 1, T, Tk) or None
         cos, sin = self.rotary(positions, dtype=x.dtype)                                   # (1|B, T, D)
 
         hidden = [x] if return_hidden_states else None
@@ -192,13 +210,9 @@ class Transformer(nn.Module):
         if tokens.dim() != 2:
             raise ValueError(f"tokens must have shape (batch, seq_len), got {tuple(tokens.shape)}; "
                              f"for one sequence use tokens[None]")
-        if tokens.shape[1] == 0:
-            raise ValueError("the prompt is empty (seq_len = 0): give at least one token, e.g. the BOS token")
+        check_not_empty(tokens.shape[1])
         start = cache.time if cache is not None else 0
-        end = start + tokens.shape[1]
-        if self.config.sliding_window is None and end > self.config.max_position_embeddings:
-            raise ValueError(f"sequence of {end} tokens exceeds max_position_embeddings "
-                             f"({self.config.max_position_embeddings}) of a model without a sliding window")
+        check_positions(start + tokens.shape[1], self.config.max_position_embeddings, self.config.sliding_window)
 
     # -----------------------------------------------------------------------------------------------------------------
     @classmethod
@@ -208,9 +222,7 @@ class Transformer(nn.Module):
         fast=True lays the copy out for fast CPU decoding at once (packed.py); `generate` does so anyway by default.
         parallel: 'expert' or 'tensor' copies only this rank's share (see from_pretrained).
         """
-        from .loading import from_hf
-
-        return from_hf(hf_model, fast=fast, parallel=parallel)
+        return _loader("from_hf")(hf_model, fast=fast, parallel=parallel)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: torch.dtype | str = torch.float32, device: str = "cpu",
@@ -224,6 +236,4 @@ class Transformer(nn.Module):
         models) or 'tensor' (heads, FFN width and vocabulary split over the ranks): each rank reads and holds only
         its share, and every rank computes the same logits as one process (see sharding.py).
         """
-        from .loading import load_pretrained
-
-        return load_pretrained(path, dtype=dtype, device=device, fast=fast, parallel=parallel, **overrides)
+        return _loader("from_pretrained")(path, dtype=dtype, device=device, fast=fast, parallel=parallel, **overrides)

@@ -101,37 +101,3 @@ class MoeLayer(nn.Module):
             self.last_router_logits, self.last_experts, self.last_weights = router_logits, experts, weights
             self.last_dropped = dropped
         return out.reshape(shape)
-
-
-def upcycle(model: nn.Module, n_experts: int, experts_per_token: int = 2, noise_std: float = 0.0,
-            seed: int = 0) -> nn.Module:
-    """Sparse upcycling (Komatsuzaki et al. 2022): a dense Transformer -> an MoE one with E copies of each FFN.
-
-    Every expert starts as the dense FFN, so whatever the router picks, sum_i G_i(x) FFN(x) = FFN(x) (the weights sum to
-    1): the MoE model's logits equal the dense model's until the experts are trained apart. The router is initialised
-    at random (seeded); noise_std > 0 perturbs each copy to break the symmetry (then the equality no longer holds).
-    """
-    from .model import Transformer
-
-    if not isinstance(model, Transformer):
-        raise TypeError(f"upcycle takes a mistral_tutorial.Transformer, got {type(model).__name__}")
-    if model.config.is_moe:
-        raise ValueError("the model already has experts (n_experts > 0)")
-    from .loading import _empty_model, load_state_dict_strict
-
-    config = model.config.replace(n_experts=n_experts, experts_per_token=experts_per_token)
-    generator = torch.Generator().manual_seed(seed)
-    moe_model = _empty_model(config, model.dtype, model.device)         # storage only: every tensor is set below
-    state = {k: v for k, v in model.state_dict().items() if ".feed_forward." not in k}
-    with torch.no_grad():
-        for i, (dense, block) in enumerate(zip(model.layers, moe_model.layers)):
-            ff = block.feed_forward
-            for name in ("w1", "w2", "w3"):
-                copies = getattr(dense.feed_forward, name).weight[None].repeat(n_experts, 1, 1)   # (E, out, in)
-                if noise_std > 0:
-                    copies = copies + noise_std * torch.randn(copies.shape, generator=generator).to(copies)
-                state[f"layers.{i}.feed_forward.{name}"] = copies
-            gate = torch.randn(ff.gate.weight.shape, generator=generator) * ff.gate.weight.shape[1] ** -0.5
-            state[f"layers.{i}.feed_forward.gate.weight"] = gate.to(ff.gate.weight)
-    load_state_dict_strict(moe_model, state, "upcycled dense model")
-    return moe_model.eval()

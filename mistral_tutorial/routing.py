@@ -1,5 +1,5 @@
 """Mixtral §5, routing analysis: which experts the tokens of each domain pick (Fig 7), how often consecutive tokens pick
-the same expert (Table 5), and text coloured by expert (Fig 8).
+the same expert (Table 5), and the choices to colour text by (Fig 8, drawn by viz.draw_routed_text).
 
 Model-agnostic: every function takes any `Transformer` with n_experts > 0: the tiny Mixtral trained by
 scripts/train_tiny_mixtral.py (`load_tiny_mixtral`), an upcycled dense model, or Mixtral 8x7B itself. An `assignment`
@@ -9,29 +9,17 @@ Left out: the router's weights (only which experts are chosen is counted, as in 
 
 from __future__ import annotations
 
-import argparse
 import math
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from .corpus import SubsetTokenizer
 from .model import Transformer
+from .resolve import TINY_MIXTRAL_DIR, load_tiny_mixtral  # noqa: F401  (the notebooks' routing.TINY_MIXTRAL_DIR)
+from .tokenizer import token_strings  # noqa: F401  (routing.token_strings, as before)
+from .viz import draw_routed_text  # noqa: F401  (drawn in viz.py; routing.draw_routed_text, as before)
 
-TINY_MIXTRAL_DIR = Path(__file__).resolve().parent.parent / "checkpoints" / "tiny-mixtral"
-REBUILD_COMMAND = "python scripts/train_tiny_mixtral.py"
 Assignment = list[torch.Tensor]                        # per layer: (T, k) expert ids, first choice in column 0
-
-
-def load_tiny_mixtral(path: str | Path | None = None, dtype: torch.dtype = torch.float32
-                      ) -> tuple[Transformer, SubsetTokenizer]:
-    """(model, tokenizer) of the committed tiny Mixtral (a reference folder with a vocab.json of kept Mistral ids)."""
-    folder = Path(path) if path is not None else TINY_MIXTRAL_DIR
-    if not all((folder / name).is_file() for name in ("params.json", "consolidated.safetensors", "vocab.json")):
-        raise FileNotFoundError(f"no tiny Mixtral checkpoint at {folder} (params.json, consolidated.safetensors, "
-                                f"vocab.json). Rebuild it (6-7 minutes on 2 CPU cores) with:\n    {REBUILD_COMMAND}")
-    return Transformer.from_pretrained(folder, dtype=dtype), SubsetTokenizer.load(folder / "vocab.json")
 
 
 def _require_experts(model: Transformer) -> None:
@@ -157,122 +145,3 @@ def random_baselines(n_experts: int = 8, experts_per_token: int = 2) -> dict[str
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-def _display(piece: str) -> str:
-    """A tokenizer piece as it reads: '▁' -> space, the newline and tab bytes -> '\\n' and 4 spaces."""
-    return piece.replace("▁", " ").replace("<0x0A>", "\n").replace("<0x09>", "    ")
-
-
-def draw_routed_text(tokens: list[str], experts: Any, n_experts: int = 8, ax: Any = None, width: int = 80,
-                     title: str | None = None, legend: bool = True) -> Any:
-    """Fig 8: every token's text on the colour of its first-choice expert, wrapped at `width` characters.
-
-    tokens: T strings (SentencePiece pieces such as '▁def' or '<0x0A>', or decoded text); experts: (T,) or (T, k)
-    expert ids (column 0 used). A newline token is drawn as '↵' in its colour, then the line breaks. Returns the Axes.
-    """
-    import matplotlib.pyplot as plt
-    from matplotlib.font_manager import FontProperties
-    from matplotlib.patches import Patch, PathPatch, Rectangle
-    from matplotlib.textpath import TextPath
-    from matplotlib.transforms import Affine2D
-
-    mono_font = FontProperties(family="DejaVu Sans Mono")              # ships with matplotlib
-    advance = 0.602                                                     # its characters' width, in em
-
-    first = torch.as_tensor(experts).reshape(len(tokens), -1)[:, 0].tolist()     # (T,) first choices
-    rows: list[list[tuple[int, str, int]]] = [[]]                                # per row: (column, text, expert)
-    column = 0
-    for token, expert in zip(tokens, first):
-        for j, part in enumerate(_display(token).split("\n")):
-            if j > 0:                                                            # the token holds a newline
-                rows[-1].append((column, "↵", expert))
-                rows.append([])
-                column = 0
-            if part:
-                if column + len(part) > width and column > 0:                    # wrap
-                    rows.append([])
-                    column = 0
-                rows[-1].append((column, part, expert))
-                column += len(part)
-    if ax is None:
-        _, ax = plt.subplots(figsize=(0.09 * width + (1.6 if legend else 0.2), 0.24 * len(rows) + 0.6))
-    colors = plt.get_cmap("tab10" if n_experts <= 10 else "tab20").colors
-    for row, cells in enumerate(rows):
-        for column, text, expert in cells:
-            ax.add_patch(Rectangle((column, row + 0.06), len(text), 0.88, facecolor=colors[expert % len(colors)],
-                                   alpha=0.45, edgecolor="white", linewidth=0.8))
-            if text.strip():      # glyphs as paths in data units: a character = a column, whatever the Axes' size
-                glyphs = TextPath((0, 0), text.replace("$", r"\$"), size=1, prop=mono_font)   # '$' is no mathtext
-                placed = Affine2D().scale(1 / advance, -0.62).translate(column, row + 0.74).transform_path(glyphs)
-                ax.add_patch(PathPatch(placed, facecolor="black", linewidth=0))
-    ax.set_xlim(0, width)
-    ax.set_ylim(max(len(rows), 1), 0)
-    ax.axis("off")
-    if legend:
-        handles = [Patch(facecolor=colors[e % len(colors)], alpha=0.45, label=f"expert {e}") for e in range(n_experts)]
-        ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8, frameon=False,
-                  title="first choice", title_fontsize=8)
-    if title:
-        ax.set_title(title, loc="left", fontsize=10)
-    return ax
-
-
-def token_strings(tokenizer: Any, ids: list[int]) -> list[str]:
-    """Each token's text: the piece for our SentencePiece tokenizers, else (transformers) the text it adds on decode."""
-    if hasattr(tokenizer, "pieces"):
-        return tokenizer.pieces(ids)
-    texts = [tokenizer.decode(ids[:i], skip_special_tokens=True) for i in range(len(ids) + 1)]
-    return [after[len(before):] for before, after in zip(texts, texts[1:])]
-
-
-def _load(model_path: str | None, dtype: torch.dtype = torch.float32, device: str = "cpu"
-          ) -> tuple[Transformer, Any, str]:
-    """(model, tokenizer, name) for `route`: the tiny Mixtral by default, else any checkpoint from_pretrained reads."""
-    if model_path is None:
-        model, tokenizer = load_tiny_mixtral()
-        return model, tokenizer, "tiny Mixtral"
-    path = Path(model_path).expanduser()
-    model = Transformer.from_pretrained(path, dtype=dtype, device=device)
-    if (path / "vocab.json").is_file():
-        tokenizer: Any = SubsetTokenizer.load(path / "vocab.json")
-    elif (path / "params.json").is_file():
-        from .tokenizer import MistralTokenizer
-
-        tokenizer = MistralTokenizer(path / "tokenizer.model" if (path / "tokenizer.model").is_file() else None)
-    else:
-        import transformers
-
-        gguf = {"gguf_file": path.name} if path.suffix == ".gguf" else {}
-        tokenizer = transformers.AutoTokenizer.from_pretrained(str(path.parent if gguf else path), **gguf)
-    return model, tokenizer, path.name
-
-
-def route_command(args: argparse.Namespace) -> int:
-    """`mistral-tutorial route TEXT --out FILE.png [--model PATH] [--layer N]`: Fig 8 for one text, one layer."""
-    if not args.text.strip():
-        raise ValueError("the text is empty")
-    from .cli import DTYPES
-
-    if getattr(args, "device", "cpu").startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("--device cuda asked for, but torch sees no CUDA device; use --device cpu")
-    model, tokenizer, name = _load(args.model, DTYPES[getattr(args, "dtype", "float32")], getattr(args, "device", "cpu"))
-    _require_experts(model)
-    n_layers = model.config.n_layers
-    layer = n_layers // 2 if args.layer is None else args.layer
-    if not 0 <= layer < n_layers:
-        raise ValueError(f"--layer {args.layer}: the model has layers 0..{n_layers - 1}")
-    ids = tokenizer.encode(args.text)
-    experts = expert_assignments(model, ids)[layer]                               # (T, k)
-    bos = getattr(tokenizer, "bos_id", getattr(tokenizer, "bos_token_id", None))
-    shown = [i for i, token_id in enumerate(ids) if token_id != bos]              # <s> is routed, not drawn
-    # the tiny model's tokenizer maps pieces it never saw to <unk>; draw the text's own pieces
-    strings = (tokenizer.base.pieces(tokenizer.base.encode(args.text)) if isinstance(tokenizer, SubsetTokenizer)
-               else token_strings(tokenizer, ids))
-    ax = draw_routed_text([strings[i] for i in shown], experts[shown], model.config.n_experts,
-                          title=f"{name}, layer {layer} of {n_layers}: tokens coloured by first-choice expert")
-    out = Path(args.out).expanduser()                     # the CLI checked it: a .png in a folder that exists
-    ax.figure.savefig(out, format="png", dpi=110, bbox_inches="tight", metadata={"Software": None})
-    import matplotlib.pyplot as plt
-
-    plt.close(ax.figure)
-    print(f"wrote {out} ({len(shown)} tokens, layer {layer})")
-    return 0

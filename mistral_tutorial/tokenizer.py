@@ -1,9 +1,12 @@
-"""The real Mistral v0.1 tokenizer: a 32000-piece SentencePiece BPE model shipped inside the `mistral-common` wheel."""
+"""The real Mistral v0.1 tokenizer (a 32000-piece SentencePiece BPE model shipped inside the `mistral-common` wheel),
+its vocabulary cut to the pieces a corpus uses (`SubsetTokenizer`, the tiny Mixtral's), and each token's text."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
+from typing import Any
 
 TOKENIZER_FILE = "tokenizer.model.v1"
 
@@ -61,3 +64,58 @@ class MistralTokenizer:
     def pieces(self, ids: list[int]) -> list[str]:
         """The piece (sub-word string, '▁' for a leading space) of each id: what a learner sees of tokenisation."""
         return [self.sp.id_to_piece(int(i)) for i in ids]
+
+
+class SubsetTokenizer:
+    """The Mistral v0.1 tokenizer with its vocabulary cut to the pieces a corpus uses: model id i <-> Mistral id kept[i].
+
+    A tiny model then needs an embedding table of a few thousand rows instead of 32000. Text splits into exactly the
+    pieces the full tokenizer gives; a piece the corpus never used becomes `<unk>` (model id of Mistral id 0).
+    """
+
+    def __init__(self, kept_mistral_ids: list[int], base: Any = None) -> None:
+        self.base = base if base is not None else MistralTokenizer()
+        self.kept = sorted(set(int(i) for i in kept_mistral_ids) | {0, 1, 2})      # <unk>, <s>, </s> always kept
+        self.index = {mistral_id: i for i, mistral_id in enumerate(self.kept)}
+        self.unk_id, self.bos_id, self.eos_id = self.index[0], self.index[1], self.index[2]
+
+    @classmethod
+    def from_texts(cls, texts: list[str]) -> SubsetTokenizer:
+        """Keep every piece the Mistral tokenizer uses on `texts`."""
+        base = MistralTokenizer()
+        return cls(sorted({i for text in texts for i in base.encode(text, bos=False)}), base)
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.kept)
+
+    def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
+        """Model ids for `text` (pieces outside the kept vocabulary -> unk_id)."""
+        return [self.index.get(i, self.unk_id) for i in self.base.encode(text, bos=bos, eos=eos)]
+
+    def to_mistral(self, ids: list[int]) -> list[int]:
+        return [self.kept[int(i)] for i in ids]
+
+    def decode(self, ids: list[int]) -> str:
+        return self.base.decode(self.to_mistral(ids))
+
+    def pieces(self, ids: list[int]) -> list[str]:
+        """The Mistral piece of each model id ('▁' for a leading space, '<0x0A>' for a newline)."""
+        return self.base.pieces(self.to_mistral(ids))
+
+    def save(self, path: str | Path) -> None:
+        """Write `{"base": ..., "kept_mistral_ids": [...]}` as JSON (the vocab.json of a checkpoint folder)."""
+        payload = {"base": "Mistral v0.1 SentencePiece (mistral-common tokenizer.model.v1)", "kept_mistral_ids": self.kept}
+        Path(path).write_text(json.dumps(payload) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> SubsetTokenizer:
+        return cls(json.loads(Path(path).read_text())["kept_mistral_ids"])
+
+
+def token_strings(tokenizer: Any, ids: list[int]) -> list[str]:
+    """Each token's text: the piece for our SentencePiece tokenizers, else (transformers) the text it adds on decode."""
+    if hasattr(tokenizer, "pieces"):
+        return tokenizer.pieces(ids)
+    texts = [tokenizer.decode(ids[:i], skip_special_tokens=True) for i in range(len(ids) + 1)]
+    return [after[len(before):] for before, after in zip(texts, texts[1:])]

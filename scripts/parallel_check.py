@@ -25,11 +25,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import mistral_tutorial as mt  # noqa: E402
-from mistral_tutorial.corpus import SubsetTokenizer  # noqa: E402
 from mistral_tutorial.parallel import TRAFFIC, reset_traffic  # noqa: E402
 from mistral_tutorial.parallel_costs import parameter_bytes  # noqa: E402
 from mistral_tutorial.routing import TINY_MIXTRAL_DIR  # noqa: E402
 from mistral_tutorial.sharding import init_from_torchrun  # noqa: E402
+from mistral_tutorial.tokenizer import SubsetTokenizer  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 PROMPT = "The experts of a mixture share the work:"

@@ -32,8 +32,10 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
 import mistral_tutorial as mt  # noqa: E402
-from mistral_tutorial.corpus import DOMAINS, SubsetTokenizer, build_corpus, split_corpus  # noqa: E402
-from mistral_tutorial.loading import ours_to_reference  # noqa: E402
+from mistral_tutorial.corpus import DOMAINS, build_corpus, split_corpus  # noqa: E402
+from mistral_tutorial.export import ours_to_reference  # noqa: E402
+from mistral_tutorial.resolve import TINY_MIXTRAL_DIR  # noqa: E402
+from mistral_tutorial.tokenizer import SubsetTokenizer  # noqa: E402
 
 COMMAND = "python scripts/train_tiny_mixtral.py"
 
@@ -41,7 +43,7 @@ COMMAND = "python scripts/train_tiny_mixtral.py"
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=None,
-                        help="output folder (default checkpoints/tiny-mixtral; build/tiny-mixtral-quick with --quick)")
+                        help="output folder (default mistral_tutorial/data/tiny-mixtral, the package's copy; build/tiny-mixtral-quick with --quick)")
     parser.add_argument("--quick", action="store_true", help="a CI-sized run: fewer steps, smaller batches, < 60 s")
     parser.add_argument("--steps", type=int, default=800)
     parser.add_argument("--batch-size", type=int, default=18, help="windows per step, split evenly over the domains")
@@ -56,7 +58,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.quick:
         args.steps, args.batch_size, args.seq_len = 40, 6, 64
     if args.out is None:
-        args.out = REPO_ROOT / ("build/tiny-mixtral-quick" if args.quick else "checkpoints/tiny-mixtral")
+        args.out = REPO_ROOT / "build/tiny-mixtral-quick" if args.quick else TINY_MIXTRAL_DIR
     if args.batch_size % len(DOMAINS):
         parser.error(f"--batch-size must be a multiple of {len(DOMAINS)} (one share per domain)")
     return args

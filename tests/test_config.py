@@ -34,7 +34,7 @@ def count_by_formula(dim, n_layers, n_heads, n_kv_heads, head_dim, hidden_dim, v
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("make", [mt.presets.mistral_7b_v0_1, mt.ModelConfig.mistral_7b_v0_1])
+@pytest.mark.parametrize("make", [mt.presets.mistral_7b_v0_1, mt.presets.PRESETS["mistral-7b-v0.1"]])
 def test_mistral_7b_preset_is_table_1(make):
     cfg = make()
     for field, value in MISTRAL_7B_TABLE_1.items():
@@ -43,7 +43,7 @@ def test_mistral_7b_preset_is_table_1(make):
     assert cfg.rope_theta == 10000.0 and cfg.norm_eps == 1e-5 and not cfg.tie_embeddings
 
 
-@pytest.mark.parametrize("make", [mt.presets.mixtral_8x7b_v0_1, mt.ModelConfig.mixtral_8x7b_v0_1])
+@pytest.mark.parametrize("make", [mt.presets.mixtral_8x7b_v0_1, mt.presets.PRESETS["mixtral-8x7b-v0.1"]])
 def test_mixtral_preset_is_table_1(make):
     cfg = make()
     for field, value in MIXTRAL_TABLE_1.items():

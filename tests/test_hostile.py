@@ -22,7 +22,7 @@ import transformers
 from conftest import assert_greedy_matches, build_pair, hf_greedy_no_cache, hf_logits, max_abs_diff, report, tiny_config
 
 import mistral_tutorial as mt
-from mistral_tutorial import assets, checkpoint_config, cli, loading, routing
+from mistral_tutorial import assets, checkpoint_config, cli, loading, resolve
 
 LLAMA3 = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
               original_max_position_embeddings=64)
@@ -647,7 +647,7 @@ def test_cli_mistake_is_one_line_before_any_model_loads(args, word, monkeypatch,
         raise AssertionError("a model was loaded before the arguments were checked")
 
     monkeypatch.setattr(loading, "load_pretrained", no_loading)
-    monkeypatch.setattr(routing, "_load", no_loading)
+    monkeypatch.setattr(resolve, "load_model_and_tokenizer", no_loading)
     monkeypatch.setattr(assets, "require_default_model", no_loading)
     with pytest.raises(SystemExit) as exit_info:
         sys.exit(cli.main(args))

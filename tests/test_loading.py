@@ -270,6 +270,7 @@ def test_checkpoint_error_is_a_value_error():
 # ---------------------------------------------------------------------------------------------------------------------
 # The real GGUF the tutorial uses (SmolLM2-135M-Instruct, Q4_1). Opt-in: loading it twice takes 30-60 s on 2 cores,
 # and the tiny GGUFs above already cover the format; run with MISTRAL_TUTORIAL_REAL_GGUF=1.
+@pytest.mark.model
 @pytest.mark.skipif(not os.environ.get("MISTRAL_TUTORIAL_REAL_GGUF"),
                     reason="opt-in (slow): set MISTRAL_TUTORIAL_REAL_GGUF=1")
 @torch.no_grad()

@@ -187,7 +187,8 @@ def test_a_rank_reads_only_its_own_slices(checkpoints, mode, rank):
     """One rank's share built in this process (no process group is needed to load): every weight is the right block
     of the one-process weight, another rank's experts are never read, and a block of rows stays in the mapped file."""
     from mistral_tutorial.checkpoint import TensorSource
-    from mistral_tutorial.loading import _assemble, _safetensors_files
+    from mistral_tutorial.formats import _safetensors_files
+    from mistral_tutorial.loading import _assemble
 
     folder = Path(checkpoints["mixtral"])
     config = config_of("mixtral")

@@ -1,0 +1,35 @@
+"""Mistral's sliding-window mask (Mistral 7B §2), the one piece attention and the KV cache both use.
+
+"each token can attend to at most W tokens from the previous layer": query i sees key j iff i - W < j <= i (W keys,
+itself included). W = None is full causal attention. attention.py applies the mask; cache.py builds it for a chunk.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def sliding_window_mask(seq_len: int, window: int | None, device: torch.device | str | None = None) -> torch.Tensor:
+    """Boolean (T, T) mask, True where query i may attend key j: i - window < j <= i.
+
+    window=None gives the plain causal mask (j <= i). Covers one sequence without a cache; the cached case, where
+    queries and keys come from different ranges, is `window_mask` below and `cache.py`.
+    """
+    positions = torch.arange(seq_len, device=device)
+    return window_mask(positions, positions, window)
+
+
+def window_mask(query_pos: torch.Tensor, key_pos: torch.Tensor, window: int | None) -> torch.Tensor:
+    """Boolean (..., Tq, Tk) mask for queries at `query_pos` (..., Tq) and keys at `key_pos` (..., Tk).
+
+    True where key_pos <= query_pos and, with a window W, key_pos > query_pos - W.
+    """
+    if window is not None and window < 1:
+        raise ValueError(f"sliding window must be >= 1 (or None for full attention), got {window}")
+    q = query_pos[..., :, None]                                    # (..., Tq, 1)
+    k = key_pos[..., None, :]                                      # (..., 1, Tk)
+    # Mistral 7B §2: causal, and at most W keys back (itself included)
+    allowed = k <= q
+    if window is not None:
+        allowed = allowed & (k > q - window)
+    return allowed

@@ -124,6 +124,15 @@ class Transformer(nn.Module):
         """
         return pack_for_decode(self)
 
+    def to(self, *args: Any, **kwargs: Any) -> Transformer:
+        """nn.Module.to; on a packed model (packed.py) a move to where it already is, in its own dtype, is a no-op."""
+        device, dtype, _, _ = torch._C._nn._parse_to(*args, **kwargs)
+        if (any(isinstance(m, PackedLinear) for m in self.modules())
+                and (device is None or torch.device(device).type == self.device.type)
+                and (dtype is None or dtype == self.dtype)):
+            return self
+        return super().to(*args, **kwargs)
+
     def _apply(self, fn, recurse=True):   # .to(), .float(), .cuda(): refused up front for a packed model, not halfway
         if recurse and any(isinstance(m, PackedLinear) for m in self.modules()):
             return next(m for m in self.modules() if isinstance(m, PackedLinear))._apply(fn)

@@ -88,6 +88,7 @@ def test_training_fails_clearly_then_works_after_unpack():
         model(tokens)
     with pytest.raises(RuntimeError, match="unpack"):
         model.to(torch.float64)
+    assert model.to("cpu") is model and model.to(torch.float32) is model     # where it already is: nothing to do
 
     mt.unpack(model).train()
     assert all(isinstance(m, nn.Linear) for m in (model.layers[0].attention.wq, model.output))

@@ -5,6 +5,7 @@ from .attention import Attention, attention_weights, repeat_kv
 from .build import upcycle
 from .cache import KVCache
 from .config import ModelConfig
+from .decode_layout import pack_for_decode, unpack
 from .embedding import RMSNorm, TokenEmbedding, rms_norm
 from .errors import CheckpointConfigError, CheckpointError, ConfigError
 from .feedforward import FeedForward
@@ -13,7 +14,6 @@ from .generation import generate, sample_next
 from .masks import sliding_window_mask, window_mask
 from .model import Transformer, TransformerBlock
 from .moe import MoeLayer, route, route_paper
-from .packed import pack_for_decode, unpack
 from .rope import RotaryEmbedding, apply_rope, half_to_interleaved, interleaved_to_half, rotate_half
 from .tokenizer import MistralTokenizer
 

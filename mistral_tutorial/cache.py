@@ -14,18 +14,9 @@ token may attend to, and its RoPE positions start at 0 on its first real token.
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 
-from .masks import window_mask
-
-
-class ChunkAttention(NamedTuple):
-    """How a chunk attends, as `KVCache.begin` plans it: its boolean mask (or None), and whether it is plain causal."""
-
-    mask: torch.Tensor | None
-    is_causal: bool
+from .masks import ChunkAttention, window_mask
 
 
 class CacheFullError(RuntimeError):

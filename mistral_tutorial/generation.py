@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from .decode_layout import pack_for_decode
 from .inputs import (
     as_stop_tokens,
     as_token_batch,
@@ -20,7 +21,6 @@ from .inputs import (
     check_vocabulary,
 )
 from .model import Transformer
-from .packed import pack_for_decode
 
 # Below this temperature, logits / T can overflow fp32: the logits are shifted by their maximum, in fp64, first.
 _TINY_TEMPERATURE = 1e-6

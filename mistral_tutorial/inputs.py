@@ -136,6 +136,24 @@ def as_token_batch(input_ids: Any, device: torch.device) -> tuple[torch.Tensor, 
     return batch, pad
 
 
+def check_tokens(tokens: Any, start: int, max_positions: int, sliding_window: int | None) -> None:
+    """Integer (B, T) token ids whose positions start..start+T-1 fit the model; the vocabulary range is the
+    embedding's check (check_vocabulary)."""
+    if isinstance(tokens, str):
+        raise TypeError(f"tokens must be token ids, got the string {tokens[:40]!r}: tokenize first, e.g. "
+                        f"torch.tensor([tokenizer.encode(text)])")
+    if not isinstance(tokens, torch.Tensor):
+        raise TypeError(f"tokens must be a torch.Tensor of shape (B, T), got {type(tokens).__name__}")
+    if tokens.dtype == torch.bool or tokens.is_floating_point() or tokens.is_complex():
+        raise TypeError(f"tokens must hold integer token ids (torch.long), got a {tokens.dtype} tensor: "
+                        f"convert with tokens.long() only if the values are whole token ids")
+    if tokens.dim() != 2:
+        raise ValueError(f"tokens must have shape (batch, seq_len), got {tuple(tokens.shape)}; "
+                         f"for one sequence use tokens[None]")
+    check_not_empty(tokens.shape[1])
+    check_positions(start + tokens.shape[1], max_positions, sliding_window)
+
+
 def check_not_empty(seq_len: int, per_row: bool = False) -> None:
     """An empty prompt (no token, or a row without one) is a ValueError."""
     if seq_len == 0:

@@ -22,12 +22,13 @@ from tqdm import tqdm
 
 from .checkpoint import TensorSource, trim_heap
 from .config import ModelConfig
+from .decode_layout import decode_groups, pack_group
 from .errors import CheckpointError
 from .export import ours_to_hf_disk, ours_to_reference, to_hf  # noqa: F401  (the export side, mt.loading.to_hf as before)
 from .formats import checkpoint_dtype, open_checkpoint
 from .model import Transformer, register_loader
 from .names import IGNORED, Target, targets
-from .packed import can_pack, decode_groups, pack_group
+from .packed import can_pack
 from .sharding import Parallelism
 
 

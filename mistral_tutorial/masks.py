@@ -1,12 +1,22 @@
 """Mistral's sliding-window mask (Mistral 7B §2), the one piece attention and the KV cache both use.
 
 "each token can attend to at most W tokens from the previous layer": query i sees key j iff i - W < j <= i (W keys,
-itself included). W = None is full causal attention. attention.py applies the mask; cache.py builds it for a chunk.
+itself included). W = None is full causal attention. attention.py applies the mask; cache.py builds it for a chunk;
+`sequence_attention` for a whole sequence without a cache.
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
+
+
+class ChunkAttention(NamedTuple):
+    """How a chunk attends, as `KVCache.begin` plans it: its boolean mask (or None), and whether it is plain causal."""
+
+    mask: torch.Tensor | None
+    is_causal: bool
 
 
 def sliding_window_mask(seq_len: int, window: int | None, device: torch.device | str | None = None) -> torch.Tensor:
@@ -33,3 +43,11 @@ def window_mask(query_pos: torch.Tensor, key_pos: torch.Tensor, window: int | No
     if window is not None:
         allowed = allowed & (k > q - window)
     return allowed
+
+
+def sequence_attention(seq_len: int, window: int | None, device: torch.device | str | None = None) -> ChunkAttention:
+    """How a whole sequence of `seq_len` tokens attends without a cache: plain causal while it fits in the window
+    (no mask to build), else the (T, T) sliding-window mask."""
+    if window is None or seq_len <= window:
+        return ChunkAttention(None, True)
+    return ChunkAttention(sliding_window_mask(seq_len, window, device=device), False)

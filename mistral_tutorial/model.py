@@ -14,18 +14,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import Attention
+from .block import TransformerBlock
 from .cache import KVCache
 from .config import ModelConfig
+from .decode_layout import is_packed, pack_for_decode
 from .embedding import RMSNorm, TokenEmbedding
-from .feedforward import FeedForward
-from .inputs import check_not_empty, check_positions
-from .masks import sliding_window_mask
-from .packed import PackedLinear, pack_for_decode
+from .inputs import check_tokens
+from .masks import sequence_attention
+from .packed import PackedLinear
 from .rope import RotaryEmbedding
 
-# Readers of checkpoints live in loading.py, which builds models; a model never calls loading (STYLE §10). loading.py
-# registers its readers here when the package is imported, and the classmethods below hand over to them.
+# Readers of checkpoints live in loading.py, which builds models and registers them here at import (STYLE §10).
 _LOADERS: dict[str, Callable[..., Transformer]] = {}
 
 
@@ -36,32 +35,8 @@ def register_loader(name: str, loader: Callable[..., Transformer]) -> None:
 
 def _loader(name: str) -> Callable[..., Transformer]:
     if name not in _LOADERS:
-        raise RuntimeError(f"Transformer.{name} needs mistral_tutorial.loading, which registers it: "
-                           f"import mistral_tutorial (or mistral_tutorial.loading) first")
+        raise RuntimeError(f"Transformer.{name} is registered by mistral_tutorial.loading: import mistral_tutorial")
     return _LOADERS[name]
-
-
-class TransformerBlock(nn.Module):
-    """One pre-norm decoder layer: x + attn(norm(x)), then h + ffn(norm(h))."""
-
-    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
-        super().__init__()
-        self.layer_idx = layer_idx
-        self.attention_norm = RMSNorm(config.dim, config.norm_eps)
-        self.attention = Attention(config.dim, config.n_heads, config.n_kv_heads, config.head_dim, layer_idx)
-        self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
-        if config.is_moe:
-            from .moe import MoeLayer
-
-            self.feed_forward: nn.Module = MoeLayer(config.dim, config.hidden_dim, config.n_experts,
-                                                    config.experts_per_token)
-        else:
-            self.feed_forward = FeedForward(config.dim, config.hidden_dim)
-
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
-                cache: KVCache | None = None, is_causal: bool = False) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), cos, sin, mask, cache, is_causal)   # (B, T, dim)
-        return h + self.feed_forward(self.ffn_norm(h))                                     # (B, T, dim)
 
 
 class Transformer(nn.Module):
@@ -115,26 +90,24 @@ class Transformer(nn.Module):
         return total
 
     def optimize_for_decode(self) -> Transformer:
-        """Swap in the fast decode layout, in place (see packed.py); returns self. `mt.unpack(model)` undoes it.
+        """Swap in the fast decode layout, in place (decode_layout.py); returns self. `mt.unpack(model)` undoes it.
 
-        On a CPU (fp32 or bf16), every projection matrix is replaced by a oneDNN-packed one that a one-token
-        matrix-vector product reads at close to the memory bandwidth, wq/wk/wv and w1/w3 fused into one matrix each.
-        No extra memory (a tied head gets its own packed copy of the embedding). On a GPU it does nothing.
-        `from_pretrained` and `generate` do this by default.
+        On a CPU (fp32, bf16) each projection becomes a oneDNN-packed matrix that a one-token product reads at close to
+        the memory bandwidth, wq/wk/wv and w1/w3 fused. No extra memory; nothing on a GPU. The default in
+        `from_pretrained` and `generate`.
         """
         return pack_for_decode(self)
 
     def to(self, *args: Any, **kwargs: Any) -> Transformer:
         """nn.Module.to; on a packed model (packed.py) a move to where it already is, in its own dtype, is a no-op."""
         device, dtype, _, _ = torch._C._nn._parse_to(*args, **kwargs)
-        if (any(isinstance(m, PackedLinear) for m in self.modules())
-                and (device is None or torch.device(device).type == self.device.type)
-                and (dtype is None or dtype == self.dtype)):
+        here = (device is None or torch.device(device).type == self.device.type) and dtype in (None, self.dtype)
+        if here and is_packed(self):
             return self
         return super().to(*args, **kwargs)
 
     def _apply(self, fn, recurse=True):   # .to(), .float(), .cuda(): refused up front for a packed model, not halfway
-        if recurse and any(isinstance(m, PackedLinear) for m in self.modules()):
+        if recurse and is_packed(self):
             return next(m for m in self.modules() if isinstance(m, PackedLinear))._apply(fn)
         return super()._apply(fn, recurse)
 
@@ -171,27 +144,23 @@ class Transformer(nn.Module):
         With `return_hidden_states`, returns (logits, hidden) where hidden[0] is the embedding output and hidden[i] the
         residual stream after layer i (before the final norm).
         """
-        self._check_tokens(tokens, cache)
+        check_tokens(tokens, cache.time if cache is not None else 0, self.config.max_position_embeddings,
+                     self.config.sliding_window)
         batch, seq_len = tokens.shape
         if check_ids:
             x = self.tok_embeddings(tokens)                                                # (B, T, dim)
         else:
             x = F.embedding(tokens, self.tok_embeddings.weight)                            # (B, T, dim)
 
-        is_causal = False
         if cache is None:
             positions = torch.arange(seq_len, device=tokens.device)[None]                  # (1, T)
-            window = self.config.sliding_window
-            if window is None or seq_len <= window:
-                mask, is_causal = None, True                                               # plain causal
-            else:
-                mask = sliding_window_mask(seq_len, window, device=tokens.device)          # (T, T)
+            attend = sequence_attention(seq_len, self.config.sliding_window, tokens.device)
         else:
             if cache.batch_size != batch:
                 raise ValueError(f"the cache was made for batch size {cache.batch_size}, tokens have {batch} rows")
             positions = cache.positions(seq_len)                                           # (1 or B, T)
             attend = cache.begin(seq_len)                                                  # the cache's plan
-            mask, is_causal = (None, True) if attend.is_causal else (attend.mask, False)   # (1|B, 1, T, Tk) or None
+        mask, is_causal = (None, True) if attend.is_causal else (attend.mask, False)       # (1|B, 1, T, Tk) or None
         cos, sin = self.rotary(positions, dtype=x.dtype)                                   # (1|B, T, D)
 
         hidden = [x] if return_hidden_states else None
@@ -205,23 +174,6 @@ class Transformer(nn.Module):
             x = x[:, -1:]
         logits = self.output(self.norm(x))                                                  # (B, T, vocab)
         return (logits, hidden) if return_hidden_states else logits
-
-    def _check_tokens(self, tokens: torch.Tensor, cache: KVCache | None) -> None:
-        """Integer (B, T) token ids that fit the positions; the vocabulary range is checked by the embedding."""
-        if isinstance(tokens, str):
-            raise TypeError(f"tokens must be token ids, got the string {tokens[:40]!r}: tokenize first, e.g. "
-                            f"torch.tensor([tokenizer.encode(text)])")
-        if not isinstance(tokens, torch.Tensor):
-            raise TypeError(f"tokens must be a torch.Tensor of shape (B, T), got {type(tokens).__name__}")
-        if tokens.dtype == torch.bool or tokens.is_floating_point() or tokens.is_complex():
-            raise TypeError(f"tokens must hold integer token ids (torch.long), got a {tokens.dtype} tensor: "
-                            f"convert with tokens.long() only if the values are whole token ids")
-        if tokens.dim() != 2:
-            raise ValueError(f"tokens must have shape (batch, seq_len), got {tuple(tokens.shape)}; "
-                             f"for one sequence use tokens[None]")
-        check_not_empty(tokens.shape[1])
-        start = cache.time if cache is not None else 0
-        check_positions(start + tokens.shape[1], self.config.max_position_embeddings, self.config.sliding_window)
 
     # -----------------------------------------------------------------------------------------------------------------
     @classmethod

@@ -1,5 +1,5 @@
-"""The fast decode layout (packed.py): it replaces the plain weights, changes nothing but speed, and never lets a
-changed weight go unseen. References: the plain model on the same weights, and transformers."""
+"""The fast decode layout (packed.py, decode_layout.py): it replaces the plain weights, changes nothing but speed,
+and never lets a changed weight go unseen. References: the plain model on the same weights, and transformers."""
 
 from __future__ import annotations
 

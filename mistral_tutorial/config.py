@@ -11,8 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .checkpoint_config import hf_fields, params_fields
+from .config_json import hf_fields
 from .errors import CheckpointConfigError, ConfigError
+from .params_json import params_fields
 from .rope import check_rope_scaling
 
 __all__ = ["ConfigError", "ModelConfig"]
@@ -116,7 +117,7 @@ class ModelConfig:
         """From a transformers MistralConfig, MixtralConfig or LlamaConfig, its `to_dict()`, or a config.json path.
 
         Every field is read, known to be inert, or refused with a CheckpointConfigError (a CheckpointError and a
-        ConfigError) naming it and its value: see checkpoint_config.py. Missing optional fields take transformers'
+        ConfigError) naming it and its value: see config_json.py. Missing optional fields take transformers'
         defaults for the model_type.
         """
         source = str(hf_config) if isinstance(hf_config, (str, Path)) else "transformers config"

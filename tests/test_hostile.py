@@ -22,7 +22,7 @@ import transformers
 from conftest import assert_greedy_matches, build_pair, hf_greedy_no_cache, hf_logits, max_abs_diff, report, tiny_config
 
 import mistral_tutorial as mt
-from mistral_tutorial import assets, checkpoint_config, cli, loading, resolve
+from mistral_tutorial import assets, cli, config_json, loading, params_json, resolve
 
 LLAMA3 = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
               original_max_position_embeddings=64)
@@ -449,7 +449,7 @@ def _builds(cfg: mt.ModelConfig) -> None:
 @pytest.mark.parametrize("seed", range(4))
 def test_fuzz_transformers_configs(seed):
     rng = random.Random(seed)
-    known = sorted(checkpoint_config.HF_READ | set(checkpoint_config.HF_NEUTRAL_ONLY))
+    known = sorted(config_json.HF_READ | set(config_json.HF_NEUTRAL_ONLY))
     bases = [_base("mistral"), _base("mixtral"), _base("llama"), scaled_config(LLAMA3).to_hf("llama").to_dict()]
     for _ in range(150):
         _loads_or_refuses(mt.ModelConfig.from_hf, _mutated(rng, rng.choice(bases), known))
@@ -462,7 +462,7 @@ def test_fuzz_transformers_configs(seed):
 @pytest.mark.parametrize("seed", range(2))
 def test_fuzz_params_json(seed):
     rng = random.Random(100 + seed)
-    known = sorted(checkpoint_config.PARAMS_READ | set(checkpoint_config.PARAMS_NEUTRAL_ONLY))
+    known = sorted(params_json.PARAMS_READ | set(params_json.PARAMS_NEUTRAL_ONLY))
     bases = [tiny_config().to_params(), tiny_config(n_experts=4, sliding_window=None).to_params()]
     for _ in range(150):
         _loads_or_refuses(mt.ModelConfig.from_params, _mutated(rng, rng.choice(bases), known))

@@ -1,5 +1,5 @@
 """Export: our model in transformers' layout (in memory, `to_hf`, or on disk) and in the mistral reference layout,
-named through the same table that loading.py reads (names.py); and writing checkpoints in the hub's layout, tensor by
+named through the same table that loading reads (names.py); and writing checkpoints in the hub's layout, tensor by
 tensor: config.json, safetensors shards and their index.
 
 `write_random_checkpoint` makes a seeded random model of any config (Mistral-7B-v0.1 itself, for the real-size check)

@@ -1,6 +1,6 @@
 """What a checkpoint on disk is: its format (a GGUF file, a transformers folder, a mistral reference folder), its files
 (the shards an index names, checked against their headers) and its ModelConfig (config.json, params.json, or a GGUF
-file's `llama.*` metadata). Nothing is read but headers and metadata; loading.py reads the tensors.
+file's `llama.*` metadata). Nothing is read but headers and metadata; assemble.py reads the tensors.
 """
 
 from __future__ import annotations

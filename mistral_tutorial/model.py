@@ -1,7 +1,7 @@
 """The decoder: embedding -> L x (RMSNorm -> attention -> residual -> RMSNorm -> FFN or MoE -> residual) -> RMSNorm -> head.
 
 Parameter names follow the reference implementation (mistral-inference): `tok_embeddings`, `layers.N.attention.wq`,
-`layers.N.feed_forward.w1`, `norm`, `output`. loading.py maps transformers' names onto these.
+`layers.N.feed_forward.w1`, `norm`, `output`. names.py maps transformers' names onto these.
 """
 
 from __future__ import annotations

@@ -1,19 +1,22 @@
 """The one table of tensor names: transformers', the mistral reference's and llama.cpp's GGUF names against ours.
 
-Import (loading.py) reads it through `targets`: where a checkpoint's tensor goes in our model, and what to do to it on
-the way (un-permute q/k rows, split a fused gate_up, put an expert in its slot). Export (export.py) reads the same table
-backwards through `hf_name` and `reference_name`, so the two directions cannot disagree.
+Import reads it through `targets`: where a checkpoint's tensor goes in our model, and what to do to it on the way
+(un-permute q/k rows, split a fused gate_up, put an expert in its slot); `hf_to_ours` and `reference_to_ours` apply it
+to a whole in-memory state dict, the streaming loader (load_plan.py, assemble.py) one file tensor at a time. Export
+(export.py) reads the same table backwards through `hf_name` and `reference_name`, so the two directions cannot
+disagree.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
 
 from .config import ModelConfig
+from .errors import CheckpointError
 from .rope import interleaved_to_half
 
 # transformers name (after `model.`) -> our name. {i} is the layer index.
@@ -98,6 +101,37 @@ def targets(name: str, fmt: str, config: ModelConfig) -> list[Target]:
         transform = {"attn_q.weight": unpermute_q, "attn_k.weight": unpermute_k}.get(m[2])
         return [Target(f"layers.{m[1]}.{_GGUF_BLOCK[m[2]]}", None, transform)]
     raise ValueError(f"unknown checkpoint format {fmt!r}")
+
+
+def _rename(state_dict: Mapping[str, torch.Tensor], fmt: str, config: ModelConfig) -> dict[str, torch.Tensor]:
+    """A whole in-memory state dict renamed to ours (experts stacked); unknown keys are kept, to be reported."""
+    ours: dict[str, torch.Tensor] = {}
+    experts: dict[str, dict[int, torch.Tensor]] = {}
+    for name, tensor in state_dict.items():
+        places = targets(name, fmt, config) or [Target(name)]
+        for t in places:
+            value = t.transform(tensor) if t.transform else tensor
+            if t.expert is None:
+                ours[t.key] = value
+            else:
+                experts.setdefault(t.key, {})[t.expert] = value
+    for key, by_expert in experts.items():
+        missing = sorted(set(range(config.n_experts)) - set(by_expert))
+        if missing or len(by_expert) != config.n_experts:
+            raise CheckpointError(f"{key}: the checkpoint has experts {sorted(by_expert)}, the model needs "
+                                  f"0..{config.n_experts - 1}")
+        ours[key] = torch.stack([by_expert[e] for e in range(config.n_experts)])
+    return ours
+
+
+def hf_to_ours(state_dict: Mapping[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
+    """Rename a transformers state dict (in memory or on disk) to ours. Unknown keys are kept, to be reported."""
+    return _rename(state_dict, "hf", config)
+
+
+def reference_to_ours(state_dict: Mapping[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
+    """A mistral reference state dict (interleaved q/k rows, experts one by one) -> ours."""
+    return _rename(state_dict, "reference", config)
 
 
 # Our stacked experts (E, out, in): one matrix per expert on disk, in both the hub's and the reference's layout

@@ -2,7 +2,7 @@
 
 `Parallelism(mode, rank, world_size)` answers, from the config alone, which heads, hidden units, experts and vocabulary
 rows rank r of N holds (`heads`, `experts`, `take`), and swaps parallel.py's layers into a model built on `meta`
-(`shard_modules`); the loader (loading.py) then reads only those slices. `check_parallel` refuses a size N does not
+(`shard_modules`); the loader (assemble.py) then reads only those slices. `check_parallel` refuses a size N does not
 divide before anything is read. `init_from_torchrun` joins the process group a `torchrun` launch describes.
 """
 

@@ -186,9 +186,9 @@ def test_sampling_on_a_parallel_model_needs_a_seed(checkpoints):
 def test_a_rank_reads_only_its_own_slices(checkpoints, mode, rank):
     """One rank's share built in this process (no process group is needed to load): every weight is the right block
     of the one-process weight, another rank's experts are never read, and a block of rows stays in the mapped file."""
+    from mistral_tutorial.assemble import assemble
     from mistral_tutorial.checkpoint import TensorSource
     from mistral_tutorial.formats import _safetensors_files
-    from mistral_tutorial.loading import _assemble
 
     folder = Path(checkpoints["mixtral"])
     config = config_of("mixtral")
@@ -196,7 +196,7 @@ def test_a_rank_reads_only_its_own_slices(checkpoints, mode, rank):
     read, plain_read = [], source.read
     source.read = lambda name: read.append(name) or plain_read(name)
     share = Parallelism(mode, rank, 2)
-    model = _assemble(source, "hf", config, torch.float32, "cpu", False, share)
+    model = assemble(source, "hf", config, torch.float32, "cpu", False, share)
     whole = mt.Transformer.from_pretrained(folder, fast=False).state_dict()
     got = model.state_dict()
     if mode == "tensor":   # rank 1 of 2: heads 2-3 (rows 32:64), kv head 1 (rows 16:32), hidden units 48:96, vocab 64:128

@@ -33,8 +33,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import mistral_tutorial as mt
+from mistral_tutorial.collectives import TRAFFIC, reset_traffic
 from mistral_tutorial.export import write_random_checkpoint
-from mistral_tutorial.parallel import TRAFFIC, reset_traffic
 from mistral_tutorial.parallel_costs import collectives_per_step, rank_parameter_bytes
 
 RESULTS = Path(__file__).resolve().parent / "results"

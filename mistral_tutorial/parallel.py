@@ -11,9 +11,9 @@ Every rank so computes the logits of one process (to fp32 round-off), and `gener
 
 Built by `Transformer.from_pretrained(path, parallel=...)`: the loader builds the model on `meta`, and sharding.py
 swaps in this rank's modules (these) and cuts each checkpoint tensor to this rank's rows or columns before it is read.
-The collectives are written out (all_reduce, all_to_all_single, all_gather on a process group) rather than left to
-DTensor's `parallelize_module`, so each equation sits above its line; Megatron's kv-head replication and the
-expert all-to-all have no built-in style there anyway.
+The collectives (collectives.py: all_reduce, all_to_all, all_gather on a process group, each counting its bytes) are
+called by hand rather than left to DTensor's `parallelize_module`, so each equation sits above its line; Megatron's
+kv-head replication and the expert all-to-all have no built-in style there anyway.
 Left out: training (the collectives here carry no gradients), pipeline parallelism, data-parallel attention under
 expert parallelism, capacity limits, overlapping communication with compute.
 """
@@ -26,43 +26,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import Attention
+from .collectives import all_gather, all_reduce, all_to_all
 from .feedforward import FeedForward
 from .moe import MoeLayer, route
-
-# Bytes this process has sent per kind of collective (ring algorithms for all-reduce and all-gather): see `traffic`.
-TRAFFIC = {"all_reduce": 0, "all_to_all": 0, "all_gather": 0}
-
-
-def reset_traffic() -> None:
-    for kind in TRAFFIC:
-        TRAFFIC[kind] = 0
-
-
-def all_reduce(x: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
-    """Sum x over the ranks, in place. A ring all-reduce sends 2 (N-1)/N of the tensor's bytes per rank."""
-    n = dist.get_world_size(group)
-    TRAFFIC["all_reduce"] += 2 * (n - 1) * x.numel() * x.element_size() // n
-    dist.all_reduce(x, group=group)
-    return x
-
-
-def all_gather(x: torch.Tensor, dim: int, group: dist.ProcessGroup | None) -> torch.Tensor:
-    """Every rank's x (same shape on each), concatenated along `dim`. Each rank sends its x to the N-1 others."""
-    n = dist.get_world_size(group)
-    TRAFFIC["all_gather"] += (n - 1) * x.numel() * x.element_size()
-    parts = [torch.empty_like(x) for _ in range(n)]
-    dist.all_gather(parts, x.contiguous(), group=group)
-    return torch.cat(parts, dim=dim)
-
-
-def all_to_all(x: torch.Tensor, send_rows: list[int], receive_rows: list[int], group: dist.ProcessGroup | None
-               ) -> torch.Tensor:
-    """Rows x[...] in N consecutive blocks of send_rows[j] rows, block j to rank j; returns the blocks received."""
-    rank = dist.get_rank(group)
-    TRAFFIC["all_to_all"] += (sum(send_rows) - send_rows[rank]) * x[:1].numel() * x.element_size()
-    out = x.new_empty((sum(receive_rows), *x.shape[1:]))
-    dist.all_to_all_single(out, x.contiguous(), receive_rows, send_rows, group=group)
-    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------------

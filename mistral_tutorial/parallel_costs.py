@@ -1,4 +1,5 @@
 """What scaling out costs: each rank's parameter bytes, and the bytes each step sends between ranks (parallel.py).
+The tests hold these formulas to the bytes collectives.py counts in a real run.
 
 Formulas from the config alone (no model is built), so they answer "how many GPUs does Mixtral-8x7B need?" on a
 laptop. The communication model is the usual one: a ring all-reduce of S bytes sends 2 (N-1)/N S per rank, an

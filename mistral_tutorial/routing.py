@@ -1,5 +1,5 @@
 """Mixtral §5, routing analysis: which experts the tokens of each domain pick (Fig 7), how often consecutive tokens pick
-the same expert (Table 5), and the choices to colour text by (Fig 8, drawn by viz.draw_routed_text).
+the same expert (Table 5), and the choices to colour text by (Fig 8, drawn by viz_routing.draw_routed_text).
 
 Model-agnostic: every function takes any `Transformer` with n_experts > 0: the tiny Mixtral trained by
 scripts/train_tiny_mixtral.py (`load_tiny_mixtral`), an upcycled dense model, or Mixtral 8x7B itself. An `assignment`
@@ -17,7 +17,7 @@ import torch
 from .model import Transformer
 from .resolve import TINY_MIXTRAL_DIR, load_tiny_mixtral  # noqa: F401  (the notebooks' routing.TINY_MIXTRAL_DIR)
 from .tokenizer import token_strings  # noqa: F401  (routing.token_strings, as before)
-from .viz import draw_routed_text  # noqa: F401  (drawn in viz.py; routing.draw_routed_text, as before)
+from .viz_routing import draw_routed_text  # noqa: F401  (drawn in viz_routing.py; routing.draw_routed_text)
 
 Assignment = list[torch.Tensor]                        # per layer: (T, k) expert ids, first choice in column 0
 

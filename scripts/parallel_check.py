@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import mistral_tutorial as mt  # noqa: E402
-from mistral_tutorial.parallel import TRAFFIC, reset_traffic  # noqa: E402
+from mistral_tutorial.collectives import TRAFFIC, reset_traffic  # noqa: E402
 from mistral_tutorial.parallel_costs import parameter_bytes  # noqa: E402
 from mistral_tutorial.routing import TINY_MIXTRAL_DIR  # noqa: E402
 from mistral_tutorial.sharding import init_from_torchrun  # noqa: E402

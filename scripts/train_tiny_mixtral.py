@@ -142,7 +142,7 @@ def plot_losses(log: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from mistral_tutorial.viz import plot_training_log
+    from mistral_tutorial.viz_routing import plot_training_log
 
     fig = plot_training_log(log, DOMAINS)
     path.parent.mkdir(parents=True, exist_ok=True)

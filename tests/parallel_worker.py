@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 import mistral_tutorial as mt
-from mistral_tutorial.parallel import TRAFFIC, reset_traffic
+from mistral_tutorial.collectives import TRAFFIC, reset_traffic
 from mistral_tutorial.parallel_costs import parameter_bytes
 
 NEW_TOKENS = 8

@@ -1,5 +1,9 @@
 """The CLI's argument types: each checks one argument while argparse parses, so that a mistake is reported before
 any model loads, naming the argument, the value and what would work. And argparse's own errors, on one line.
+
+Also the few pieces every command shares: the `--dtype` names (`DTYPES`), the error a command reports as one line
+(`CliError`) and the `--model` path a command loads (`model_path`). The commands themselves are in cli_commands.py and
+cli_generate.py; cli.py builds the parser and runs one command.
 """
 
 from __future__ import annotations
@@ -13,6 +17,13 @@ from pathlib import Path
 from typing import NoReturn
 
 import torch
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+class CliError(Exception):
+    """An error the CLI reports as one line, exit status 2."""
 
 
 def int_at_least(minimum: int, meaning: str = "") -> Callable[[str], int]:
@@ -116,3 +127,15 @@ class OneLineParser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         print(f"error: {self.prog}: {message} (see {self.prog} --help)", file=sys.stderr)
         sys.exit(2)
+
+
+def model_path(model: str | None) -> Path:
+    """The checkpoint a command loads: `--model` as given, or (None) the fetched default model, which must be there."""
+    from .assets import require_default_model
+
+    if model is None:
+        return require_default_model()
+    try:
+        return Path(existing_path(model)).expanduser()
+    except argparse.ArgumentTypeError as err:
+        raise CliError(str(err)) from None

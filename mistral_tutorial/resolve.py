@@ -1,6 +1,7 @@
 """Which model and which tokenizer: the tiny Mixtral that ships inside the package (`data/tiny-mixtral`, found through
 the package, so a plain `pip install` runs `mistral-tutorial route`), or any checkpoint path with the tokenizer that
-belongs to it. The CLI and the notebooks both resolve through here.
+belongs to it, and (`ChatTokenizer`) that tokenizer with a chat template for `generate`. The CLI and the notebooks
+both resolve through here; the tokenizers themselves are in tokenizer.py (ours) and transformers.
 """
 
 from __future__ import annotations
@@ -52,3 +53,46 @@ def load_model_and_tokenizer(model_path: str | None, dtype: torch.dtype = torch.
     path = Path(model_path).expanduser()
     model = Transformer.from_pretrained(path, dtype=dtype, device=device)
     return model, tokenizer_for(path), path.name
+
+
+class ChatTokenizer:
+    """Text <-> ids for whichever checkpoint was loaded, with a chat template where the model has one.
+
+    One face over two kinds of tokenizer: ours (tokenizer.py; the Mistral-7B-Instruct v0.1 `[INST] ... [/INST]` format)
+    and transformers' (its own chat template, if the checkpoint ships one). Chat is one user turn; no history.
+    """
+
+    def __init__(self, path: Path) -> None:
+        tokenizer = tokenizer_for(path)                   # the one resolver, shared with `route`
+        ours = isinstance(tokenizer, (MistralTokenizer, SubsetTokenizer))
+        self.hf = None if ours else tokenizer
+        self.mistral = tokenizer if ours else None
+
+    def encode_prompt(self, prompt: str, chat: bool) -> list[int]:
+        """Token ids of `prompt`, wrapped in the model's chat template for one user turn when `chat`."""
+        if self.hf is not None:
+            if chat and self.hf.chat_template:
+                ids = self.hf.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                                  tokenize=True)
+                ids = ids["input_ids"] if not isinstance(ids, list) else ids
+                return list(ids)
+            return self.hf.encode(prompt)
+        assert self.mistral is not None
+        # Mistral-7B-Instruct v0.1 format: <s>[INST] prompt [/INST]
+        return self.mistral.encode(f"[INST] {prompt} [/INST]" if chat else prompt, bos=True)
+
+    def decode(self, ids: list[int]) -> str:
+        """Text of `ids`, special tokens dropped."""
+        if self.hf is not None:
+            return self.hf.decode(ids, skip_special_tokens=True)
+        assert self.mistral is not None
+        return self.mistral.decode(ids)
+
+    @property
+    def stop_ids(self) -> list[int]:
+        """The end-of-sequence id(s) generation stops at."""
+        if self.hf is not None:
+            eos = self.hf.eos_token_id
+            return [eos] if isinstance(eos, int) else list(eos or [])
+        assert self.mistral is not None
+        return [self.mistral.eos_id]

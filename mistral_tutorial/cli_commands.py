@@ -72,7 +72,7 @@ def route_command(args: argparse.Namespace) -> int:
     from .resolve import load_model_and_tokenizer
     from .routing import _require_experts, expert_assignments
     from .tokenizer import SubsetTokenizer, token_strings
-    from .viz import draw_routed_text
+    from .viz_routing import draw_routed_text
 
     if not args.text.strip():
         raise ValueError("the text is empty")

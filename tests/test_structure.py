@@ -153,3 +153,12 @@ def test_the_tiny_mixtral_is_package_data():
     patterns = pyproject["tool"]["setuptools"]["package-data"][PACKAGE]
     shipped = {p.relative_to(PACKAGE_DIR).as_posix() for pattern in patterns for p in PACKAGE_DIR.glob(pattern)}
     assert {f"data/tiny-mixtral/{name}" for name in names} <= shipped
+
+
+MAX_MODULE_LINES = 200      # STYLE §1: past ~200 lines a module is usually two ideas
+
+
+def test_each_module_is_short():
+    long = {p.relative_to(PACKAGE_DIR).as_posix(): n for p in sorted(PACKAGE_DIR.rglob("*.py"))
+            if (n := len(p.read_text(encoding="utf-8").splitlines())) > MAX_MODULE_LINES}
+    assert not long, f"modules over {MAX_MODULE_LINES} lines (split them by job): {long}"

@@ -2,7 +2,7 @@
 parameter counts, KV-cache memory), draw a text coloured by expert (Mixtral Fig 8).
 
 Arguments are checked by the parser (cli.py, cli_args.py) before these run; `generate` is in cli_generate.py. The
-work itself is the library's: assets.py downloads, routing.py routes, viz.py draws.
+work itself is the library's: assets.py downloads, routing.py routes, viz_routing.py draws.
 """
 
 from __future__ import annotations

@@ -40,6 +40,20 @@ def is_neutral(value: Any, allowed: tuple[Any, ...]) -> bool:
     return any(value is a or (type(value) is type(a) and value == a) for a in allowed)
 
 
+def refuse_unread(c: dict[str, Any], read: set[str], inert: set[str],
+                  neutral_only: dict[str, tuple[tuple[Any, ...], str]], source: str) -> None:
+    """Refuse a field that is neither read nor inert (unknown), and a neutral-only one set to anything else."""
+    unknown = sorted((k for k in c if k not in read | inert | set(neutral_only)), key=str)
+    if unknown:
+        shown = ", ".join(f"{k}={short_repr(c[k])}" for k in unknown[:6])
+        raise fail(source, f"unknown field(s) {shown}{' ...' if len(unknown) > 6 else ''}: this library cannot tell "
+                           f"whether they change the model, so it refuses to guess; remove them if they do not")
+    for key, (allowed, feature) in neutral_only.items():
+        if key in c and not is_neutral(c[key], allowed):
+            raise fail(source, f"{key}={short_repr(c[key])} is not implemented ({feature}); "
+                               f"this library loads only {' or '.join(map(repr, allowed))}")
+
+
 def read_json(path: str | Path, what: str) -> Any:
     """The parsed JSON at `path`; FileNotFoundError if absent, CheckpointConfigError if unreadable or not JSON."""
     path = Path(path).expanduser()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .checkpoint_config import as_dict, fail, is_neutral, positive_int, positive_number, short_repr
+from .checkpoint_config import as_dict, fail, positive_int, positive_number, refuse_unread, short_repr
 from .config_json_rope import hf_rope
 
 MODEL_TYPES = ("mistral", "mixtral", "llama")
@@ -109,15 +109,7 @@ def hf_fields(config: Any, source: str = "transformers config") -> dict[str, Any
     quantization = c.get("quantization_config")
     if isinstance(quantization, dict) and quantization.get("quant_method") == "gguf":
         c = {k: v for k, v in c.items() if k != "quantization_config"}      # transformers dequantized a GGUF
-    unknown = sorted((k for k in c if k not in HF_READ | HF_INERT | set(HF_NEUTRAL_ONLY)), key=str)
-    if unknown:
-        shown = ", ".join(f"{k}={short_repr(c[k])}" for k in unknown[:6])
-        raise fail(source, f"unknown field(s) {shown}{' ...' if len(unknown) > 6 else ''}: this library cannot tell "
-                           f"whether they change the model, so it refuses to guess; remove them if they do not")
-    for key, (allowed, feature) in HF_NEUTRAL_ONLY.items():
-        if key in c and not is_neutral(c[key], allowed):
-            raise fail(source, f"{key}={short_repr(c[key])} is not implemented ({feature}); "
-                               f"this library loads only {' or '.join(map(repr, allowed))}")
+    refuse_unread(c, HF_READ, HF_INERT, HF_NEUTRAL_ONLY, source)
 
     defaults = HF_DEFAULTS[model_type]
     c = {**defaults, **c}                      # an explicit null stays null: transformers' own meaning (kv heads = H)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .checkpoint_config import as_dict, fail, is_neutral, positive_int, positive_number, short_repr
+from .checkpoint_config import as_dict, fail, positive_int, positive_number, refuse_unread, short_repr
 
 PARAMS_REQUIRED = ("dim", "n_layers", "n_heads", "hidden_dim", "vocab_size")
 PARAMS_READ = {*PARAMS_REQUIRED, "n_kv_heads", "head_dim", "norm_eps", "rope_theta", "sliding_window", "max_seq_len",
@@ -32,14 +32,7 @@ def params_fields(params: Any, source: str = "params.json") -> dict[str, Any]:
     missing = [k for k in PARAMS_REQUIRED if k not in p]
     if missing:
         raise fail(source, f"missing required field(s) {missing}: not a mistral reference params.json")
-    unknown = sorted((k for k in p if k not in PARAMS_READ | PARAMS_INERT | set(PARAMS_NEUTRAL_ONLY)), key=str)
-    if unknown:
-        shown = ", ".join(f"{k}={short_repr(p[k])}" for k in unknown[:6])
-        raise fail(source, f"unknown field(s) {shown}: this library cannot tell whether they change the model, so it "
-                           f"refuses to guess; remove them if they do not")
-    for key, (allowed, feature) in PARAMS_NEUTRAL_ONLY.items():
-        if key in p and not is_neutral(p[key], allowed):
-            raise fail(source, f"{key}={short_repr(p[key])} is not implemented ({feature})")
+    refuse_unread(p, PARAMS_READ, PARAMS_INERT, PARAMS_NEUTRAL_ONLY, source)
     for key in PARAMS_REQUIRED:
         positive_int(p, key, source)
     for key in ("n_kv_heads", "head_dim", "sliding_window", "max_seq_len", "max_position_embeddings"):

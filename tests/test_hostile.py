@@ -390,6 +390,21 @@ def test_params_json_refusals_name_the_field(change, field):
     assert isinstance(err.value, mt.ConfigError)
 
 
+@pytest.mark.parametrize("read, base, neutral_only", [
+    (mt.ModelConfig.from_params, lambda: tiny_config().to_params(), dict(lora={"rank": 16})),
+    (mt.ModelConfig.from_hf, lambda: _base("mistral"), dict(attention_bias=True)),
+], ids=["params.json", "config.json"])
+def test_both_readers_word_refusals_alike(read, base, neutral_only):
+    """One rule for both files: unknown fields listed (six at most, then ' ...'); a feature not implemented says
+    which value would load."""
+    many = {f"mystery_{i}": i for i in range(8)}
+    with pytest.raises(mt.CheckpointError, match=r"unknown field\(s\) mystery_0=0, .*mystery_5=5 \.\.\.: .*refuses"):
+        read({**base(), **many})
+    key = next(iter(neutral_only))
+    with pytest.raises(mt.CheckpointError, match=rf"{key}=.* is not implemented \(.*\); this library loads only"):
+        read({**base(), **neutral_only})
+
+
 @pytest.mark.parametrize("params", [[], "no/such/params.json", None, 7], ids=["list", "path", "None", "int"])
 def test_params_json_that_is_not_a_dict(params):
     error = FileNotFoundError if isinstance(params, str) else mt.CheckpointError

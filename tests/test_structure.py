@@ -150,8 +150,11 @@ def test_the_tiny_mixtral_is_package_data():
     names = {p.name for p in TINY_MIXTRAL_DIR.iterdir()}
     assert {"consolidated.safetensors", "params.json", "vocab.json", "training_log.json"} <= names
     pyproject = tomllib.loads((PACKAGE_DIR.parent / "pyproject.toml").read_text())
-    patterns = pyproject["tool"]["setuptools"]["package-data"][PACKAGE]
-    shipped = {p.relative_to(PACKAGE_DIR).as_posix() for pattern in patterns for p in PACKAGE_DIR.glob(pattern)}
+    setuptools = pyproject["tool"]["setuptools"]
+    assert f"{PACKAGE}.data" in setuptools["packages"]
+    patterns = setuptools["package-data"][f"{PACKAGE}.data"]
+    data_dir = PACKAGE_DIR / "data"
+    shipped = {p.relative_to(PACKAGE_DIR).as_posix() for pattern in patterns for p in data_dir.glob(pattern)}
     assert {f"data/tiny-mixtral/{name}" for name in names} <= shipped
 
 

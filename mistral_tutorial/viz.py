@@ -98,8 +98,7 @@ def plot_attention(weights: Any, tokens: Sequence[str] | None = None, ax: Axes |
     if w.ndim != 2:
         raise ValueError(f"plot_attention expects (Tq, Tk) weights, got shape {w.shape}; select batch and head first")
     n_queries, n_keys = w.shape
-    colormap = plt.get_cmap(cmap).copy()
-    colormap.set_bad(MASKED_COLOR)
+    colormap = plt.get_cmap(cmap).with_extremes(bad=MASKED_COLOR)   # a copy: the registered colormap stays as it was
     if mask is not None:
         allowed = to_numpy(mask).astype(bool).reshape(n_queries, n_keys)
         w = np.ma.masked_array(w, mask=~allowed)                      # masked cells take the "bad" colour

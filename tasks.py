@@ -193,10 +193,12 @@ def normalize(path: Path, language_info: dict | None = None) -> None:
 
 
 def execute(path: Path, output_dir: Path | None = None) -> Path:
-    """Run one notebook headless (its own kernel), in place or into `output_dir`; returns the executed file."""
-    where = ["--inplace"] if output_dir is None else ["--output-dir", output_dir]
-    run(PYTHON, "-m", "jupyter", "nbconvert", "--to", "notebook", "--execute", *where,
-        "--ExecutePreprocessor.timeout=1200", path.relative_to(ROOT))
+    """Run one notebook headless (its own kernel), in place or into `output_dir`; returns the executed file.
+
+    scripts/execute_notebook.py is nbclient, as `jupyter nbconvert --execute` is, minus its stalls: see its docstring.
+    """
+    where = [] if output_dir is None else ["--output-dir", output_dir.relative_to(ROOT)]
+    run(PYTHON, "scripts/execute_notebook.py", path.relative_to(ROOT), *where, "--timeout", "1200")
     return path if output_dir is None else output_dir / path.name
 
 

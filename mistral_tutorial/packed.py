@@ -2,7 +2,8 @@
 
 Decoding one token multiplies one vector by every weight matrix, so its speed is the speed at which the CPU reads the
 weights. oneDNN reads a matrix it has re-laid out ("packed") for its own kernel at close to the memory bandwidth
-(about 31 GB/s on this project's 2-core machines, against 16 GB/s for `F.linear` on a row-major matrix; benchmarks/).
+(about 40 GB/s on this project's 2-core machines, against 20 GB/s for `F.linear` on a row-major matrix;
+benchmarks/bench_matvec.py).
 
 A `PackedLinear` holds the packed matrix instead of the plain one, so the weights cost no extra memory;
 decode_layout.py's `pack_for_decode(model)` swaps it in for each `nn.Linear` of a Transformer. wq/wk/wv, and w1/w3, share one packed matrix each:

@@ -15,11 +15,11 @@ from tqdm import tqdm
 
 from .checkpoint import TensorSource, trim_heap
 from .config import ModelConfig
-from .decode_layout import decode_groups, pack_group
+from .decode_layout import decode_groups, pack_group, use_layout
 from .errors import CheckpointError
+from .kernel_choice import choose_layout
 from .load_plan import plan_checkpoint
 from .model import Transformer
-from .packed import can_pack
 from .sharding import Parallelism
 
 
@@ -27,8 +27,10 @@ def assemble(source: TensorSource, fmt: str, config: ModelConfig, dtype: torch.d
              fast: bool, parallel: Parallelism | None = None) -> Transformer:
     """Build the model on `meta`, then read the checkpoint into it one tensor at a time (see the module docstring).
 
-    fast: pack each group of matrices (packed.py) as soon as all of its tensors are in, so the plain copies never
-    pile up; the model's other parameters are then frozen, as pack_for_decode leaves them.
+    fast: the decode layout measured fastest for this CPU (kernel_choice.py), decided before any weight is read, so
+    loading pays only for the layout it uses. "packed" packs each group of matrices (packed.py) as soon as all of its
+    tensors are in, so the plain copies never pile up (the other parameters are then frozen, as pack_for_decode
+    leaves them); "plain" and "fused" keep every tensor as read (zero-copy where the dtype matches).
     parallel: this rank's share (sharding.py): its modules are swapped in on `meta` once the whole checkpoint is
     checked, and each tensor is cut to this rank's rows or columns (a view of the mapped file) before it is read;
     another rank's experts are not read at all.
@@ -45,7 +47,8 @@ def assemble(source: TensorSource, fmt: str, config: ModelConfig, dtype: torch.d
         parallel.shard_modules(model)                     # this rank's modules, still on meta
 
     device = torch.device(device)
-    packing = fast and can_pack(dtype, device)
+    layout = choose_layout(model, dtype, device) if fast else "plain"
+    packing = layout == "packed"
     module_names = {id(m): n for n, m in model.named_modules()}
     groups = {}                                           # our key -> (module, names, keys) of its packed group
     if packing:
@@ -107,6 +110,8 @@ def assemble(source: TensorSource, fmt: str, config: ModelConfig, dtype: torch.d
     still_empty = [n for n, p in model.named_parameters() if p.is_meta]
     if still_empty:                                       # plan_checkpoint makes this impossible; never hand out garbage
         raise CheckpointError(f"{source.description}: no data for {still_empty[:8]}")
+    if layout == "fused":
+        use_layout(model, "fused")
     return model.eval()
 
 

@@ -25,6 +25,8 @@ from .errors import CheckpointError
 from .safetensors_reader import SafetensorsFile, TensorInfo
 
 GGUF_INTEGER_TYPES = {"I8": torch.int8, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64}
+# float GGUF tensors are read as these (F16 and F64 widened or narrowed to fp32, quantized types dequantized to fp32)
+GGUF_FLOAT_TYPES = {"F32": torch.float32, "F16": torch.float32, "BF16": torch.bfloat16, "F64": torch.float32}
 
 
 def drop_pages(address: int, n_bytes: int) -> None:
@@ -110,7 +112,8 @@ class TensorSource:
 
 # ---------------------------------------------------------------------------------------------------------------------
 def open_gguf(path: Path) -> tuple[dict[str, Any], TensorSource]:
-    """A GGUF file's metadata (key -> value) and its tensors, dequantized to fp32 one at a time on read()."""
+    """A GGUF file's metadata (key -> value) and its tensors, one at a time on read(): BF16 as it is, every other
+    float type dequantized to fp32."""
     import gguf
 
     with path.open("rb") as f:
@@ -131,13 +134,13 @@ def open_gguf(path: Path) -> tuple[dict[str, Any], TensorSource]:
     tensors = {t.name: t for t in reader.tensors}
     _check_gguf_layout(path, reader)
     infos = {t.name: TensorInfo(t.name, tuple(int(n) for n in reversed(t.shape.tolist())),
-                                GGUF_INTEGER_TYPES.get(t.tensor_type.name) or (
-                                    torch.float32 if t.tensor_type.name in ("F32", "F16", "BF16", "F64")
-                                    else t.tensor_type.name),
-                                path, int(t.data_offset)) for t in reader.tensors}
+                                GGUF_INTEGER_TYPES.get(t.tensor_type.name) or GGUF_FLOAT_TYPES.get(t.tensor_type.name)
+                                or t.tensor_type.name, path, int(t.data_offset)) for t in reader.tensors}
 
     def read(name: str) -> torch.Tensor:
         t = tensors[name]
+        if t.tensor_type.name == "BF16":                                   # as it is: bf16 stays bf16
+            return torch.from_numpy(np.array(t.data)).view(torch.bfloat16).reshape(infos[name].shape)
         try:
             values = gguf.quants.dequantize(t.data, t.tensor_type)                     # fp32 numpy
             return torch.from_numpy(np.array(values, dtype=np.float32).reshape(infos[name].shape))

@@ -1,8 +1,13 @@
-"""Swapping a whole Transformer into the fast decode layout (packed.py) and back.
+"""Swapping a whole Transformer between its decode layouts, in place; kernel_choice.py says which one is fastest.
 
-`pack_for_decode(model)` replaces each projection `nn.Linear` by a `PackedLinear` part of one oneDNN-packed matrix per
-group: wq/wk/wv share one, w1/w3 another; wo, w2, the router and the head get one each. `unpack(model)` puts plain,
-trainable `nn.Linear` modules back. Neither copies the model: the peak is the model plus one group's matrix.
+- "plain": the PyTorch modules as written (nn.Linear, F.linear on row-major weights), in the model's dtype.
+- "packed": `pack_for_decode(model)` replaces each projection `nn.Linear` by a `PackedLinear` part of one
+  oneDNN-packed matrix per group (packed.py): wq/wk/wv share one, w1/w3 another; wo, w2, the router and the head get
+  one each. The packed matrices replace the plain ones (no extra memory) and have no gradients.
+- "fused": the plain modules, plus one C call per decoding step through all layers (fused_decode.py); bf16 weights
+  are multiplied into fp32 activations (weight_only.py). Nothing is copied; the model stays trainable.
+
+`unpack(model)` puts the plain layout back. No swap copies the model: the peak is the model plus one group's matrix.
 """
 
 from __future__ import annotations
@@ -10,7 +15,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .fused_decode import FusedDecoder, why_not_fused
 from .packed import PackedLinear, PackedMatrix, can_pack
+from .weight_only import WeightOnlyLinear
+
+LAYOUTS = ("plain", "packed", "fused")
 
 
 def decode_groups(model: nn.Module) -> list[tuple[nn.Module, tuple[str, ...]]]:
@@ -29,13 +38,13 @@ def decode_groups(model: nn.Module) -> list[tuple[nn.Module, tuple[str, ...]]]:
     # only plain nn.Linear (or already packed) parts: a subclass with a forward of its own (parallel.py's
     # vocabulary-parallel head) keeps it
     return [(module, names) for module, names in groups
-            if all(type(getattr(module, name)) in (nn.Linear, PackedLinear) for name in names)]
+            if all(type(getattr(module, name)) in (nn.Linear, PackedLinear, WeightOnlyLinear) for name in names)]
 
 
 def pack_group(module: nn.Module, names: tuple[str, ...], tied_to: nn.Parameter | None = None) -> None:
     """Replace the nn.Linear submodules `names` of `module` by PackedLinear parts of one packed matrix."""
     linears = [getattr(module, name) for name in names]
-    if any(isinstance(linear, PackedLinear) for linear in linears):
+    if any(isinstance(linear, (PackedLinear, WeightOnlyLinear)) for linear in linears):
         return
     with torch.no_grad():
         dense = torch.cat([linear.weight for linear in linears]) if len(linears) > 1 else linears[0].weight
@@ -54,6 +63,8 @@ def pack_for_decode(model: nn.Module) -> nn.Module:
 
     Peak memory: the model plus one group's matrix (e.g. one layer's w1 and w3).
     """
+    if getattr(model, "fused_decoder", None) is not None:
+        unpack(model)
     if is_packed(model) or not can_pack(model.dtype, model.device):
         return model
     model.eval()
@@ -65,11 +76,46 @@ def pack_for_decode(model: nn.Module) -> nn.Module:
     return model
 
 
+def current_layout(model: nn.Module) -> str:
+    """"plain", "packed" or "fused": the layout `model` decodes in now."""
+    if is_packed(model):
+        return "packed"
+    return "fused" if getattr(model, "fused_decoder", None) is not None else "plain"
+
+
+def use_layout(model: nn.Module, layout: str) -> nn.Module:
+    """Put `model` in `layout` ("plain", "packed" or "fused"; see the module docstring), in place; returns it.
+
+    "packed" is a no-op where oneDNN cannot pack (a GPU, fp16). "fused" raises where the C step cannot run, naming why.
+    """
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    if current_layout(model) == layout:
+        return model
+    unpack(model)
+    if layout == "packed":
+        return pack_for_decode(model)
+    if layout == "fused":
+        why = why_not_fused(model)
+        if why is not None:
+            raise ValueError(f"the fused decode layout cannot run this model: {why}")
+        if model.dtype != torch.float32:                      # bf16 weights into fp32 activations
+            for module, names in decode_groups(model):
+                for name in names:
+                    setattr(module, name, WeightOnlyLinear.replacing(getattr(module, name)))
+        model.fused_decoder = FusedDecoder(model)
+    return model
+
+
 def unpack(model: nn.Module) -> nn.Module:
     """The plain layout back (nn.Linear modules, gradients on), in place; returns the model."""
+    model.fused_decoder = None
+    was_packed = is_packed(model)
     for module, names in decode_groups(model):
         for name in names:
             part = getattr(module, name)
+            if isinstance(part, WeightOnlyLinear):
+                setattr(module, name, part.plain())
             if isinstance(part, PackedLinear):
                 linear = nn.Linear(part.in_features, part.out_features, bias=False, device="meta")
                 if part.matrix.tied_to is not None:
@@ -77,6 +123,7 @@ def unpack(model: nn.Module) -> nn.Module:
                 else:
                     linear.weight = nn.Parameter(part.weight.as_subclass(torch.Tensor).clone())
                 setattr(module, name, linear)
-    for p in model.parameters():
-        p.requires_grad_(True)
+    if was_packed:                                  # pack_for_decode froze them
+        for p in model.parameters():
+            p.requires_grad_(True)
     return model

@@ -164,7 +164,7 @@ def _gguf_rope_scaling(metadata: dict[str, Any], path: Path) -> dict[str, Any] |
 
 
 def checkpoint_dtype(source: TensorSource) -> torch.dtype:
-    """The dtype most of the checkpoint's bytes are in (fp32 for GGUF, which is dequantized)."""
+    """The dtype most of the checkpoint's weights are in (GGUF: bf16 for BF16, else fp32, which the rest is read as)."""
     counts: dict[torch.dtype, int] = {}
     for info in source.infos.values():
         dtype = info.dtype if isinstance(info.dtype, torch.dtype) else torch.float32

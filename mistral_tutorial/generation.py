@@ -10,7 +10,6 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from .decode_layout import pack_for_decode
 from .inputs import (
     as_stop_tokens,
     as_token_batch,
@@ -76,8 +75,8 @@ def generate(
     prompt goes through the model in chunks of this many tokens (default: W with a window, else all at once).
     stop_tokens: a row ends at the first of these; its later positions repeat that stop token, and generation stops
     early once every row has ended. on_token: called with each step's (B,) new tokens, for streaming.
-    fast: first lay a CPU model out for fast decoding, in place (packed.py; the same tokens, to fp32 round-off, at
-    about twice the speed, and no gradients afterwards: `mt.unpack(model)` undoes it). fast=False leaves it as it is.
+    fast: first put a CPU model in the decode layout measured fastest on this CPU, in place (kernel_choice.py; the
+    same tokens, to fp32 round-off; `mt.unpack(model)` undoes it). fast=False leaves the model as it is.
     Every argument is checked before the model runs (inputs.py): a bad one is a TypeError or ValueError naming it.
     """
     if not isinstance(model, Transformer):
@@ -105,7 +104,7 @@ def generate(
     chunk = prefill_chunk_size or config.sliding_window or prompt_len
 
     if fast:
-        pack_for_decode(model)
+        model.optimize_for_decode()
     generator = None
     if seed is not None:
         generator = torch.Generator(device=model.device).manual_seed(seed)

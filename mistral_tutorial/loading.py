@@ -13,6 +13,7 @@ mt.loading.hf_to_ours, mt.loading.loading_plan as before).
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +25,9 @@ from .config import ModelConfig
 from .export import ours_to_hf_disk, ours_to_reference, to_hf  # noqa: F401  (the export side, mt.loading.to_hf as before)
 from .formats import checkpoint_dtype, open_checkpoint
 from .load_plan import loading_plan  # noqa: F401  (mt.loading.loading_plan as before)
-from .model import Transformer, register_loader
+from .model import Transformer
 from .names import hf_to_ours, reference_to_ours  # noqa: F401  (mt.loading.hf_to_ours as before)
+from .registry import register_loader
 from .sharding import Parallelism
 
 
@@ -44,12 +46,13 @@ def from_hf(hf_model: Any, fast: bool = False, parallel: str | None = None) -> T
     return assemble(source, "hf", config, param.dtype, param.device, fast, share)
 
 
-def load_pretrained(path: str | Path, dtype: torch.dtype | str = torch.float32, device: str | torch.device = "cpu",
+def load_pretrained(path: str | Path, dtype: torch.dtype | str = "auto", device: str | torch.device = "cpu",
                     fast: bool = True, parallel: str | None = None, **overrides: Any) -> Transformer:
     """Detect the checkpoint format at `path` and stream it into a model (see the module docstring).
 
-    dtype: the model's dtype, or "auto" for the checkpoint's own. fast: lay the weights out for fast CPU decoding
-    (packed.py; no effect on a GPU); fast=False keeps plain nn.Linear weights, as training needs. `overrides`
+    dtype: "auto" (default) for the checkpoint's own (a bf16 file stays bf16; one line on stderr says which dtype
+    was used), or the model's dtype. fast: the decode layout measured fastest on this CPU (kernel_choice.py; no effect
+    on a GPU); fast=False keeps the plain PyTorch modules. `overrides`
     change config fields (e.g. sliding_window=32) before the weights are loaded. parallel: 'expert' or 'tensor'
     to load only this rank's share of the model (sharding.py; torch.distributed must be initialised).
     """
@@ -57,6 +60,8 @@ def load_pretrained(path: str | Path, dtype: torch.dtype | str = torch.float32, 
     source, fmt, config = open_checkpoint(path)
     if dtype == "auto":
         dtype = checkpoint_dtype(source)
+        print(f"mistral_tutorial: loading {Path(path).name} in {str(dtype).removeprefix('torch.')}, the "
+              f"checkpoint's own dtype (dtype=... for another)", file=sys.stderr)
     return assemble(source, fmt, config.replace(**overrides), dtype, device, fast, share)
 
 

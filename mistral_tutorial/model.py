@@ -6,7 +6,6 @@ Parameter names follow the reference implementation (mistral-inference): `tok_em
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,26 +16,14 @@ from torch import nn
 from .block import TransformerBlock
 from .cache import KVCache
 from .config import ModelConfig
-from .decode_layout import is_packed, pack_for_decode
+from .decode_layout import is_packed
 from .embedding import RMSNorm, TokenEmbedding
 from .inputs import check_tokens
+from .kernel_choice import use_best_layout
 from .masks import sequence_attention
 from .packed import PackedLinear
+from .registry import loader
 from .rope import RotaryEmbedding
-
-# Readers of checkpoints live in loading.py, which builds models and registers them here at import (STYLE §10).
-_LOADERS: dict[str, Callable[..., Transformer]] = {}
-
-
-def register_loader(name: str, loader: Callable[..., Transformer]) -> None:
-    """Make `Transformer.<name>` (from_hf, from_pretrained) call `loader`; loading.py does this at import."""
-    _LOADERS[name] = loader
-
-
-def _loader(name: str) -> Callable[..., Transformer]:
-    if name not in _LOADERS:
-        raise RuntimeError(f"Transformer.{name} is registered by mistral_tutorial.loading: import mistral_tutorial")
-    return _LOADERS[name]
 
 
 class Transformer(nn.Module):
@@ -62,6 +49,7 @@ class Transformer(nn.Module):
             self.output.weight = self.tok_embeddings.weight
         self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling)
         self.parallelism = None       # this rank's share when loaded with parallel=... (see sharding.py)
+        self.fused_decoder = None     # the C decoding step, in the fused layout (decode_layout.py)
 
     # -----------------------------------------------------------------------------------------------------------------
     @property
@@ -70,7 +58,13 @@ class Transformer(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
+        """The weights' dtype."""
         return self.tok_embeddings.weight.dtype
+
+    @property
+    def activation_dtype(self) -> torch.dtype:
+        """The dtype the model computes in: fp32 in the fused layout (bf16 weights, fp32 activations), else `dtype`."""
+        return torch.float32 if self.fused_decoder is not None else self.dtype
 
     def num_parameters(self, active: bool = False) -> int:
         """Parameter count (tied weights once). active=True counts only k of the E experts of each MoE layer.
@@ -90,13 +84,11 @@ class Transformer(nn.Module):
         return total
 
     def optimize_for_decode(self) -> Transformer:
-        """Swap in the fast decode layout, in place (decode_layout.py); returns self. `mt.unpack(model)` undoes it.
+        """Swap in the fastest decode layout for this CPU, in place (kernel_choice.py measures it once); returns self.
 
-        On a CPU (fp32, bf16) each projection becomes a oneDNN-packed matrix that a one-token product reads at close to
-        the memory bandwidth, wq/wk/wv and w1/w3 fused. No extra memory; nothing on a GPU. The default in
-        `from_pretrained` and `generate`.
+        `mt.unpack(model)` undoes it. The default in `from_pretrained` and `generate`; nothing changes on a GPU.
         """
-        return pack_for_decode(self)
+        return use_best_layout(self)
 
     def to(self, *args: Any, **kwargs: Any) -> Transformer:
         """nn.Module.to; on a packed model (packed.py) a move to where it already is, in its own dtype, is a no-op."""
@@ -113,15 +105,16 @@ class Transformer(nn.Module):
 
     def router_logits(self) -> list[torch.Tensor]:
         """Per-layer router logits (N, E), N = B*T, of the last forward; MoE models only (see moe.py)."""
-        if not self.config.is_moe:
-            raise ValueError("router_logits() needs an MoE model (n_experts > 0)")
-        return [layer.feed_forward.last_router_logits for layer in self.layers]
+        return self._routing("last_router_logits", "router_logits()")
 
     def chosen_experts(self) -> list[torch.Tensor]:
         """Per-layer chosen experts (N, k) of the last forward, best first; MoE models only."""
+        return self._routing("last_experts", "chosen_experts()")
+
+    def _routing(self, record: str, what: str) -> list[torch.Tensor]:
         if not self.config.is_moe:
-            raise ValueError("chosen_experts() needs an MoE model (n_experts > 0)")
-        return [layer.feed_forward.last_experts for layer in self.layers]
+            raise ValueError(f"{what} needs an MoE model (n_experts > 0)")
+        return [getattr(layer.feed_forward, record) for layer in self.layers]
 
     def new_cache(self, batch_size: int, max_len: int, pad: torch.Tensor | list[int] | None = None) -> KVCache:
         """An empty KV cache for this model: W slots per layer with a window, else `max_len`.
@@ -131,15 +124,15 @@ class Transformer(nn.Module):
         c = self.config
         n_kv_heads = self.layers[0].attention.n_kv_heads if len(self.layers) else c.n_kv_heads
         return KVCache(c.n_layers, batch_size, n_kv_heads, c.head_dim, c.sliding_window, max_len,
-                       dtype=self.dtype, device=self.device, pad=pad)
+                       dtype=self.activation_dtype, device=self.device, pad=pad)
 
     # -----------------------------------------------------------------------------------------------------------------
     def forward(self, tokens: torch.Tensor, cache: KVCache | None = None, last_only: bool = False,
                 return_hidden_states: bool = False, check_ids: bool = True) -> Any:
         """Logits (B, T, vocab) for tokens (B, T); (B, 1, vocab) when `last_only`.
 
-        check_ids=False skips the vocabulary range check (a host-device sync on a GPU): for tokens known to be valid,
-        such as the ones generate() just sampled.
+        check_ids=False skips the vocabulary range check (a host-device sync on a GPU), for tokens known to be valid.
+        In the fused layout a step of one token with a cache is one C call (fused_decode.py), logits in fp32.
 
         With `return_hidden_states`, returns (logits, hidden) where hidden[0] is the embedding output and hidden[i] the
         residual stream after layer i (before the final norm).
@@ -147,17 +140,21 @@ class Transformer(nn.Module):
         check_tokens(tokens, cache.time if cache is not None else 0, self.config.max_position_embeddings,
                      self.config.sliding_window)
         batch, seq_len = tokens.shape
+        if cache is not None and cache.batch_size != batch:
+            raise ValueError(f"the cache was made for batch size {cache.batch_size}, tokens have {batch} rows")
+        fused = self.fused_decoder                                       # one C call a token (fused_decode.py)
+        if fused is not None and cache is not None and seq_len == 1 and not return_hidden_states and fused.ready():
+            return fused(tokens, cache, check_ids)                                         # (B, 1, vocab)
         if check_ids:
             x = self.tok_embeddings(tokens)                                                # (B, T, dim)
         else:
             x = F.embedding(tokens, self.tok_embeddings.weight)                            # (B, T, dim)
+        x = x.to(self.activation_dtype)
 
         if cache is None:
             positions = torch.arange(seq_len, device=tokens.device)[None]                  # (1, T)
             attend = sequence_attention(seq_len, self.config.sliding_window, tokens.device)
         else:
-            if cache.batch_size != batch:
-                raise ValueError(f"the cache was made for batch size {cache.batch_size}, tokens have {batch} rows")
             positions = cache.positions(seq_len)                                           # (1 or B, T)
             attend = cache.begin(seq_len)                                                  # the cache's plan
         mask, is_causal = (None, True) if attend.is_causal else (attend.mask, False)       # (1|B, 1, T, Tk) or None
@@ -180,21 +177,21 @@ class Transformer(nn.Module):
     def from_hf(cls, hf_model: nn.Module, fast: bool = False, parallel: str | None = None) -> Transformer:
         """Build from a transformers Mistral/Mixtral/Llama *ForCausalLM instance, copying its weights.
 
-        fast=True lays the copy out for fast CPU decoding at once (packed.py); `generate` does so anyway by default.
+        fast=True puts the copy in the fastest decode layout at once; `generate` does so anyway by default.
         parallel: 'expert' or 'tensor' copies only this rank's share (see from_pretrained).
         """
-        return _loader("from_hf")(hf_model, fast=fast, parallel=parallel)
+        return loader("from_hf")(hf_model, fast=fast, parallel=parallel)
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, dtype: torch.dtype | str = torch.float32, device: str = "cpu",
+    def from_pretrained(cls, path: str | Path, dtype: torch.dtype | str = "auto", device: str = "cpu",
                         fast: bool = True, parallel: str | None = None, **overrides: Any) -> Transformer:
         """Stream a transformers checkpoint dir, a mistral reference folder or a .gguf file into a model.
 
-        dtype: the model's, or "auto" for the checkpoint's own. fast (default): the fast decode layout on a CPU
-        (packed.py: no gradients; fast=False for plain, trainable weights). `overrides` change config fields (e.g.
-        sliding_window=32) before the weights are loaded.
+        dtype: "auto" (default) for the checkpoint's own (bf16 stays bf16), or the model's. fast (default): the decode
+        layout measured fastest on this CPU (kernel_choice.py); fast=False: the plain PyTorch modules, in `dtype`.
+        `overrides` change config fields (e.g. sliding_window=32) before the weights are loaded.
         parallel: with torch.distributed initialised (e.g. under torchrun), 'expert' (E/N experts per rank, MoE
         models) or 'tensor' (heads, FFN width and vocabulary split over the ranks): each rank reads and holds only
         its share, and every rank computes the same logits as one process (see sharding.py).
         """
-        return _loader("from_pretrained")(path, dtype=dtype, device=device, fast=fast, parallel=parallel, **overrides)
+        return loader("from_pretrained")(path, dtype=dtype, device=device, fast=fast, parallel=parallel, **overrides)

@@ -7,10 +7,17 @@ suite runs on two CPU cores in a few minutes. Imported by the test modules as `f
 from __future__ import annotations
 
 import os
+import tempfile
 import warnings
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# The decode layout is measured per CPU (kernel_choice.py): the tests fix it to the fused one, the fastest on this
+# project's machines, so that every run tests the same code, and test the other layouts and the choice explicitly.
+# Decisions a test makes go to a file of the test run's own.
+os.environ.setdefault("MISTRAL_TUTORIAL_LAYOUT", "fused")
+os.environ.setdefault("MISTRAL_TUTORIAL_DECISIONS",
+                      os.path.join(tempfile.mkdtemp(prefix="mistral-tutorial-tests-"), "decisions.json"))
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -1,5 +1,6 @@
-"""The fast decode layout (packed.py, decode_layout.py): it replaces the plain weights, changes nothing but speed,
-and never lets a changed weight go unseen. References: the plain model on the same weights, and transformers."""
+"""The packed decode layout (packed.py, decode_layout.py): it replaces the plain weights, changes nothing but speed,
+and never lets a changed weight go unseen. References: the plain model on the same weights, and transformers.
+(The fused layout is test_fused_decode.py's; which layout is chosen, test_kernel_choice.py's.)"""
 
 from __future__ import annotations
 
@@ -45,7 +46,7 @@ def test_layout_changes_nothing_but_speed(overrides):
     greedy = mt.generate(model, tokens, max_new_tokens=24, fast=False)
     assert not any(isinstance(m, PackedLinear) for m in model.modules())     # fast=False left it alone
 
-    model.optimize_for_decode()
+    mt.pack_for_decode(model)
     assert not any(isinstance(m, nn.Linear) for m in model.modules())        # replaced, not kept beside
     after = model.state_dict()
     assert before.keys() == after.keys()
@@ -56,7 +57,8 @@ def test_layout_changes_nothing_but_speed(overrides):
     assert torch.equal(mt.generate(model, tokens, max_new_tokens=24), greedy)
 
 
-def test_generate_packs_by_default_and_from_pretrained_too(tmp_path):
+def test_generate_packs_by_default_and_from_pretrained_too(tmp_path, monkeypatch):
+    monkeypatch.setenv("MISTRAL_TUTORIAL_LAYOUT", "packed")             # where packed is the layout chosen
     model = random_model(sliding_window=4)
     mt.generate(model, [1, 2, 3], max_new_tokens=2)
     assert isinstance(model.layers[0].attention.wq, PackedLinear)
@@ -70,14 +72,14 @@ def test_generate_packs_by_default_and_from_pretrained_too(tmp_path):
 @pytest.mark.parametrize("overrides", CONFIGS, ids=CONFIG_IDS)
 def test_packed_against_transformers(overrides):
     hf, ours = build_pair(tiny_config(**overrides))
-    ours.optimize_for_decode()
+    mt.pack_for_decode(ours)
     tokens = torch.randint(0, ours.config.vocab_size, (1, 21))
     with torch.no_grad():
         torch.testing.assert_close(ours(tokens), hf(tokens).logits, atol=1e-4, rtol=0)
 
 
 def test_training_fails_clearly_then_works_after_unpack():
-    model = random_model(sliding_window=5).optimize_for_decode()
+    model = mt.pack_for_decode(random_model(sliding_window=5))
     tokens = torch.randint(0, model.config.vocab_size, (1, 13))
     with torch.no_grad():
         reference = model(tokens)
@@ -101,7 +103,7 @@ def test_training_fails_clearly_then_works_after_unpack():
 @pytest.mark.parametrize("overrides", CONFIGS, ids=CONFIG_IDS)
 def test_a_changed_weight_is_never_ignored(overrides):
     """Every matrix, every way of changing it: it raises, or the model computes with the new value."""
-    model = random_model(**overrides).optimize_for_decode()
+    model = mt.pack_for_decode(random_model(**overrides))
     tokens = torch.randint(0, model.config.vocab_size, (1, 9))
     names = matrix_names(model)
     assert len(names) >= model.config.n_layers * 3 + 1
@@ -124,7 +126,7 @@ def test_a_changed_weight_is_never_ignored(overrides):
 
 
 def test_optimizer_step_cannot_silently_miss_the_packed_weights():
-    model = random_model(sliding_window=4).optimize_for_decode()
+    model = mt.pack_for_decode(random_model(sliding_window=4))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     assert all(not p.requires_grad for p in model.parameters())            # frozen: nothing an optimizer could step
     with pytest.raises(RuntimeError, match="unpack"):
@@ -138,7 +140,7 @@ def test_optimizer_step_cannot_silently_miss_the_packed_weights():
 
 
 def test_tied_head_follows_the_embedding():
-    model = random_model(sliding_window=None, tie_embeddings=True).optimize_for_decode()
+    model = mt.pack_for_decode(random_model(sliding_window=None, tie_embeddings=True))
     tokens = torch.randint(0, model.config.vocab_size, (1, 7))
     with torch.no_grad():
         model.tok_embeddings.weight.mul_(1.5)                             # in place, on the one real Parameter
@@ -152,7 +154,7 @@ def test_tied_head_follows_the_embedding():
 
 
 def test_read_copies_can_be_read_and_copied_from():
-    model = random_model(sliding_window=4).optimize_for_decode()
+    model = mt.pack_for_decode(random_model(sliding_window=4))
     plain = mt.Transformer(model.config).eval()
     with torch.no_grad():
         for name in matrix_names(model):

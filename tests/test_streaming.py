@@ -14,8 +14,8 @@ import transformers
 from conftest import tiny_config
 
 import mistral_tutorial as mt
-from mistral_tutorial.export import write_random_checkpoint
 from mistral_tutorial.decode_layout import current_layout
+from mistral_tutorial.export import write_random_checkpoint
 from mistral_tutorial.kernel_choice import choose_layout
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -16,7 +16,6 @@ import hashlib
 import json
 import os
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -27,6 +26,7 @@ from . import native
 from .assets import cache_dir
 from .decode_layout import LAYOUTS, use_layout
 from .fused_decode import fused_unavailable
+from .notices import notice
 from .packed import can_pack
 
 LAYOUT_ENV = "MISTRAL_TUTORIAL_LAYOUT"
@@ -153,8 +153,7 @@ def choose_layout(model: nn.Module, dtype: torch.dtype | None = None, device: to
     decision = _load_decisions().get(key)
     if decision is None or decision.get("layout") not in found or set(decision.get("seconds", {})) != set(found):
         if verbose:
-            print(f"mistral_tutorial: timing the decode layouts {found} for this CPU, once "
-                  f"(remembered in {decisions_path()})", file=sys.stderr)
+            notice(f"timing the decode layouts {found} for this CPU, once (remembered in {decisions_path()})")
         decision = measure(type(model), config, dtype, found)
         _store(key, decision)
     return decision["layout"]

@@ -13,7 +13,6 @@ mt.loading.hf_to_ours, mt.loading.loading_plan as before).
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +26,7 @@ from .formats import checkpoint_dtype, open_checkpoint
 from .load_plan import loading_plan  # noqa: F401  (mt.loading.loading_plan as before)
 from .model import Transformer
 from .names import hf_to_ours, reference_to_ours  # noqa: F401  (mt.loading.hf_to_ours as before)
+from .notices import notice
 from .registry import register_loader
 from .sharding import Parallelism
 
@@ -60,8 +60,8 @@ def load_pretrained(path: str | Path, dtype: torch.dtype | str = "auto", device:
     source, fmt, config = open_checkpoint(path)
     if dtype == "auto":
         dtype = checkpoint_dtype(source)
-        print(f"mistral_tutorial: loading {Path(path).name} in {str(dtype).removeprefix('torch.')}, the "
-              f"checkpoint's own dtype (dtype=... for another)", file=sys.stderr)
+        notice(f"loading {Path(path).name} in {str(dtype).removeprefix('torch.')}, the checkpoint's own dtype "
+               f"(dtype=... for another)")
     return assemble(source, fmt, config.replace(**overrides), dtype, device, fast, share)
 
 

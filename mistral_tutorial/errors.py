@@ -7,6 +7,8 @@
                                     something this library does not implement, or is malformed: both of the above
 
 All are ValueErrors, so `except ValueError` keeps working; the CLI prints any of them as one line.
+One warning: AssumedDefaultWarning, a checkpoint's config left out a field whose value the references do not agree on
+(or do not state), and the library says which value it took and why.
 """
 
 from __future__ import annotations
@@ -32,3 +34,9 @@ class CheckpointConfigError(CheckpointError, ConfigError):
 
     Both a CheckpointError and a ConfigError: `except mt.CheckpointError` and `except mt.ConfigError` each catch it.
     """
+
+
+class AssumedDefaultWarning(UserWarning):
+    """A checkpoint's config leaves out a field, and the value this library assumed for it is not the only one the
+    references would give (a params.json without `rope_theta`: 1e4 here and in Mistral-7B-v0.1, 1e6 in
+    mistral-inference). The message names each field, the value taken and why; setting the field silences it."""

@@ -119,7 +119,8 @@ def bootstrap_consecutive(documents: list[list[Assignment]], n_resamples: int = 
 
 
 # Mixtral (Jiang et al. 2024, arXiv:2401.04088), Table 5: percentage of consecutive tokens of The Pile's validation
-# subsets assigned to the same expert, at layers 0, 15 and 31 (transcribed from the paper).
+# subsets assigned to the same expert, at layers 0, 15 and 31 (v1, page 8; all 48 values checked against the paper
+# by tests/test_routing.py). "top_k" is the paper's "First or second choice" columns.
 MIXTRAL_TABLE_5_LAYERS = (0, 15, 31)
 MIXTRAL_TABLE_5 = {   # domain: {statistic: (layer 0, layer 15, layer 31) in %}
     "ArXiv": {"first_choice": (14.0, 27.9, 22.7), "top_k": (46.5, 62.3, 52.9)},

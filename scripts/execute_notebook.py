@@ -8,19 +8,36 @@ for a message that is already there (seen on notebook 08, right after the `inter
 runs): the reply then sits unread until the cell timeout runs out, 20 minutes, before the run goes on. Here every
 wait on the kernel's channels polls in slices of at most one second, so a missed wake-up costs at most a second.
 Nothing else differs: the kernel runs in the notebook's folder, and a cell error stops the run with its traceback.
+The kernel talks over IPC (Unix sockets in Jupyter's runtime dir, beside its connection file), not TCP on localhost:
+no port is opened, and ipykernel has no cause to warn that TCP runs without encryption (Windows, which has no IPC
+transport, keeps TCP).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from pathlib import Path
 from queue import Empty
 
 import nbformat
+from jupyter_core.paths import jupyter_runtime_dir
 from nbclient import NotebookClient
+from traitlets.config import Config
 
 SLICE_S = 1.0      # the longest a message that has arrived can wait unseen
+
+
+def kernel_config() -> Config:
+    """The kernel manager's settings: IPC where the OS has it, its socket files named by an absolute path in Jupyter's
+    runtime dir (a bare name would be taken relative to each process's own folder, and the kernel runs in the
+    notebook's, so the two sides would not meet). One kernel per run of this script: the pid keeps names apart."""
+    if os.name == "nt":
+        return Config()
+    runtime = Path(jupyter_runtime_dir())
+    runtime.mkdir(parents=True, exist_ok=True)
+    return Config({"KernelManager": {"transport": "ipc", "ip": str(runtime / f"nbclient-{os.getpid()}-ipc")}})
 
 
 def poll_in_slices(channel) -> None:
@@ -53,7 +70,8 @@ class SlicedPollingClient(NotebookClient):
 def execute(path: Path, output_dir: Path | None, timeout: int) -> Path:
     notebook = nbformat.read(path, as_version=4)
     client = SlicedPollingClient(notebook, timeout=timeout, kernel_name="python3",
-                                 resources={"metadata": {"path": str(path.parent)}})
+                                 resources={"metadata": {"path": str(path.parent)}},
+                                 config=kernel_config())
     start = time.perf_counter()
     client.execute()
     target = path if output_dir is None else output_dir / path.name

@@ -150,6 +150,50 @@ def test_params_json_uses_reference_names():
     assert mt.presets.mistral_7b_v0_1().to_params()["sliding_window"] == 4096
 
 
+# Mistral-7B-v0.1's params.json as released: no rope_theta (mistral-src's one_file_ref.py, its demo, has no such
+# field and would refuse one)
+MISTRAL_7B_V0_1_PARAMS = {"dim": 4096, "n_layers": 32, "head_dim": 128, "hidden_dim": 14336, "n_heads": 32,
+                          "n_kv_heads": 8, "norm_eps": 1e-05, "sliding_window": 4096, "vocab_size": 32000}
+
+
+def test_params_json_without_rope_theta_loads_1e4_and_says_why():
+    with pytest.warns(mt.AssumedDefaultWarning) as record:
+        cfg = mt.ModelConfig.from_params(MISTRAL_7B_V0_1_PARAMS)
+    # transformers' MistralConfig defaults are Mistral-7B-v0.1's: its theta is what a params.json without one means here
+    assert cfg.rope_theta == transformers.MistralConfig().rope_parameters["rope_theta"] == 1e4
+    assert len(record) == 1
+    message = str(record[0].message)
+    for said in ("rope_theta = 10000", "Mistral-7B-v0.1", "3dc8aed", "mistral-inference", "1e6"):
+        assert said in message, said
+    for unsaid in ("norm_eps", "head_dim", "n_kv_heads"):              # stated in the file: nothing to say
+        assert unsaid not in message
+
+
+@pytest.mark.parametrize("absent", ["left out", "null"])
+def test_every_assumed_field_is_named_in_one_warning(absent):
+    params = {k: v for k, v in MISTRAL_7B_V0_1_PARAMS.items() if k not in ("head_dim", "n_kv_heads", "norm_eps")}
+    if absent == "null":
+        params.update(head_dim=None, n_kv_heads=None, norm_eps=None, rope_theta=None)
+    with pytest.warns(mt.AssumedDefaultWarning) as record:
+        cfg = mt.ModelConfig.from_params(params)
+    assert len(record) == 1
+    message = str(record[0].message)
+    # the values taken, re-derived: Mistral 7B's eps, dim / n_heads, one key/value head per query head
+    assert (cfg.rope_theta, cfg.norm_eps, cfg.head_dim, cfg.n_kv_heads) == (1e4, 1e-5, 4096 // 32, 32)
+    for said in ("rope_theta = 10000", "norm_eps = 1e-05", "head_dim = dim // n_heads = 128", "n_kv_heads = n_heads = 32"):
+        assert said in message, said
+
+
+def test_a_params_json_that_states_every_field_loads_silently():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for cfg in ROUND_TRIP_CONFIGS:
+            assert mt.ModelConfig.from_params(cfg.to_params()) == cfg
+        mt.ModelConfig.from_params({**MISTRAL_7B_V0_1_PARAMS, "rope_theta": 1e4})
+
+
 def test_llama_round_trip():
     cfg = tiny_config(sliding_window=None)
     hf_config = cfg.to_hf("llama")

@@ -4,6 +4,7 @@ deadlines, and it executes a notebook (a widget cell among its cells) as nbclien
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 import sys
 import time
@@ -79,3 +80,22 @@ def test_executes_a_notebook_with_a_widget_into_a_folder(tmp_path):
     assert texts[0] == "first\n" and texts[-1] == "last\n"
     assert any("application/vnd.jupyter.widget-view+json" in o.get("data", {}) for o in executed.cells[1].outputs)
     assert nbformat.read(source, as_version=4).cells[0].outputs == []          # the source is left as it was
+
+
+def test_runs_quietly_over_ipc_and_draws_where_it_is_told(tmp_path):
+    """No kernel noise (ipykernel warns about TCP without encryption; the kernel runs over IPC), and a figure goes to
+    $MISTRAL_TUTORIAL_FIGURES, which is how `tasks.py setup` and `test` keep figures/ as committed."""
+    notebook = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(
+        "import matplotlib.pyplot as plt\nfrom mistral_tutorial import viz\nfig, ax = plt.subplots()\n"
+        "ax.plot([0, 1])\nprint(viz.save_figure(fig, 'demo_line'))")])
+    source = tmp_path / "demo.ipynb"
+    nbformat.write(notebook, source)
+    figures = tmp_path / "figures-here"
+    env = {**os.environ, "MISTRAL_TUTORIAL_FIGURES": str(figures), "MPLBACKEND": "Agg"}
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "execute_notebook.py"), str(source), "--output-dir",
+                           str(tmp_path / "out"), "--timeout", "120"], env=env, capture_output=True, text=True,
+                          check=True)
+    assert done.stderr == "", done.stderr
+    assert (figures / "demo_line.png").is_file() and not (ROOT / "figures" / "demo_line.png").exists()
+    executed = nbformat.read(tmp_path / "out" / "demo.ipynb", as_version=4)
+    assert executed.cells[0].outputs[0]["text"].strip() == str(figures / "demo_line.png")

@@ -35,6 +35,9 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error", "
        "PYTHONHASHSEED": "0", "TOKENIZERS_PARALLELISM": "false", "TQDM_DISABLE": "1",
        "HF_HUB_DISABLE_PROGRESS_BARS": "1",
        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}   # notebook kernels start from the venv
+# the library's one-line notices (which dtype loaded, a first measurement of the decode layouts) left out of notebook
+# runs: a first run on a new machine then prints what every later run prints
+QUIET = {"MISTRAL_TUTORIAL_QUIET": "1"}
 NOTEBOOKS = ROOT / "notebooks"
 LAB_SETTINGS = ROOT / "jupyter" / "settings"      # overrides.json: widget state saved with the notebook, no news
 # Mistral AI's reference implementation, which tests/test_reference_impl.py runs against ours, and the packages it
@@ -229,7 +232,7 @@ def execute(path: Path, output_dir: Path | None = None, figures: Path | None = N
     nbclient, as `jupyter nbconvert --execute` is, minus its stalls: see its docstring.
     """
     where = [] if output_dir is None else ["--output-dir", output_dir.relative_to(ROOT)]
-    env = ENV if figures is None else {**ENV, "MISTRAL_TUTORIAL_FIGURES": str(figures)}
+    env = {**ENV, **QUIET} if figures is None else {**ENV, **QUIET, "MISTRAL_TUTORIAL_FIGURES": str(figures)}
     command = [PYTHON, "scripts/execute_notebook.py", path.relative_to(ROOT), *where, "--timeout", "1200"]
     print("+", " ".join(str(a) for a in command), flush=True)
     subprocess.run([str(a) for a in command], cwd=ROOT, env=env, check=True)
@@ -321,8 +324,8 @@ def test() -> None:
     before = tree_state()
     command = [PYTHON, "-m", "pytest", "-q", "tests", "notebooks", "--nbval-lax", "--durations=15"]
     print("+", " ".join(str(a) for a in command), flush=True)
-    subprocess.run([str(a) for a in command], cwd=ROOT, env={**ENV, "MISTRAL_TUTORIAL_FIGURES": str(TEST_FIGURES)},
-                   check=True)
+    subprocess.run([str(a) for a in command], cwd=ROOT,
+                   env={**ENV, **QUIET, "MISTRAL_TUTORIAL_FIGURES": str(TEST_FIGURES)}, check=True)
     check_tree_unchanged(before, "the test suite")
 
 

@@ -21,6 +21,7 @@ from mistral_tutorial.packed import PackedLinear
 def measured(monkeypatch, tmp_path):
     """Layouts chosen by measurement (not forced), decisions in a fresh file."""
     monkeypatch.delenv(kernel_choice.LAYOUT_ENV, raising=False)
+    monkeypatch.delenv("MISTRAL_TUTORIAL_QUIET", raising=False)
     monkeypatch.setenv(kernel_choice.DECISIONS_ENV, str(tmp_path / "decisions.json"))
     return tmp_path / "decisions.json"
 

@@ -127,22 +127,26 @@ class KVCache:
         return (allowed[None] & (real[:, None, :] | itself[None]))[:, None]                 # (B, 1, T, Tk)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store this chunk's keys and values (B, Hkv, T, D) of `layer`; return the ones to attend (B, Hkv, Tk, D)."""
+        """Store this chunk's keys and values (B, Hkv, T, D) of `layer`; return the ones to attend (B, Hkv, Tk, D).
+
+        Those come back in the chunk's dtype: a bf16 chunk of a model whose cache is fp32 (the fused layout's long
+        prefill) attends in bf16, as the plain layout does, and its keys and values are kept in fp32."""
         plan = self._plan
         if plan is None:
             raise RuntimeError("KVCache.update() called outside a forward: call begin(T) first")
         keys, values = self.keys[layer], self.values[layer]                                # (B, Hkv, S, D)
         if plan.write_first:
             self._write(keys, values, k, v, plan)
-            return keys[:, :, :plan.n_keys], values[:, :, :plan.n_keys]
-        attend_k = torch.cat([keys[:, :, :plan.n_keys], k], dim=2)                         # (B, Hkv, Tk, D)
-        attend_v = torch.cat([values[:, :, :plan.n_keys], v], dim=2)
+            return keys[:, :, :plan.n_keys].to(k.dtype), values[:, :, :plan.n_keys].to(v.dtype)
+        attend_k = torch.cat([keys[:, :, :plan.n_keys].to(k.dtype), k], dim=2)             # (B, Hkv, Tk, D)
+        attend_v = torch.cat([values[:, :, :plan.n_keys].to(v.dtype), v], dim=2)
         self._write(keys, values, k, v, plan)
         return attend_k, attend_v
 
     @staticmethod
     def _write(keys: torch.Tensor, values: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: _ChunkPlan) -> None:
         k, v = k[:, :, k.shape[2] - plan.kept:], v[:, :, v.shape[2] - plan.kept:]          # the last min(T, S)
+        k, v = k.to(keys.dtype), v.to(values.dtype)
         if plan.contiguous:
             keys[:, :, plan.first_slot:plan.first_slot + plan.kept] = k
             values[:, :, plan.first_slot:plan.first_slot + plan.kept] = v

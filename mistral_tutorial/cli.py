@@ -47,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--length", type=check.int_at_least(1), default=32768,
                       help="tokens for the KV-cache estimate (default 32768)")
     info.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
+    info.add_argument("--kernels", action="store_true",
+                      help="also the decode layout chosen for this CPU and the GB/s each candidate reached (timed once)")
+    info.add_argument("--remeasure", action="store_true", help="with --kernels: time the candidates again")
     info.set_defaults(func=info_command)
 
     gen = add("generate", help="generate text (greedy by default), streamed")

@@ -64,7 +64,29 @@ def info_command(args: argparse.Namespace) -> int:
     print(f"  {'weights in ' + args.dtype:24s} {total * bytes_per / 2**30:.2f} GiB")
     print(f"  {'KV cache':24s} {kv_bytes / 2**30:.3f} GiB for {args.length:,} tokens ({args.dtype}, {slots:,} slots"
           f"{' = the window' if config.sliding_window and args.length > config.sliding_window else ''})")
+    if getattr(args, "kernels", False):
+        print_kernels(model, DTYPES[args.dtype], args.remeasure)
     return 0
+
+
+def print_kernels(model, dtype: torch.dtype, remeasure: bool = False) -> None:
+    """The decode layout kernel_choice.py picks for `model`'s shapes in `dtype` on this CPU (timing the candidates
+    once, if this CPU has not yet), with each candidate's time per step and the GB/s of weights it streamed."""
+    from . import kernel_choice, native
+
+    layout = kernel_choice.choose_layout(model, dtype, "cpu", remeasure=remeasure)
+    decision = kernel_choice._load_decisions().get(kernel_choice.decision_key(model.config, dtype))
+    print(f"decode kernels on this CPU ({native.cpu_name()}, {torch.get_num_threads()} threads, {dtype}):")
+    print(f"  {'C kernels':24s} {native.why_unavailable() or 'compiled for this CPU (native.py)'}")
+    if decision is None:                                 # forced, or only one candidate: nothing was timed
+        print(f"  {'chosen':24s} {layout} (not timed: ${kernel_choice.LAYOUT_ENV} or the only candidate)")
+        return
+    print(f"  {'timed':24s} {decision['timed_layers']} layers and the head, "
+          f"{decision['bytes_per_step'] / 1e6:.0f} MB of weights a step")
+    for name, seconds in sorted(decision["seconds"].items(), key=lambda item: item[1]):
+        mark = "  <- chosen" if name == layout else ""
+        print(f"  {name:24s} {seconds * 1e3:7.2f} ms a step, {decision['gb_per_s'][name]:5.1f} GB/s{mark}")
+    print(f"  {'remembered in':24s} {kernel_choice.decisions_path()}")
 
 
 def route_command(args: argparse.Namespace) -> int:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import statistics
 import time
 from pathlib import Path
 
@@ -123,18 +122,20 @@ def measure(model_type: type[nn.Module], config, dtype: torch.dtype, layouts: li
         for layout in layouts:
             use_layout(model, layout)
             times[layout].append(_seconds_per_step(model, tokens))
-    seconds = {layout: statistics.median(t) for layout, t in times.items()}
+    seconds = {layout: min(t) for layout, t in times.items()}        # the least disturbed round of each
     return {"layout": min(seconds, key=seconds.get), "seconds": seconds,
             "gb_per_s": {layout: read / s / 1e9 for layout, s in seconds.items()},
             "timed_layers": len(model.layers), "bytes_per_step": read}
 
 
 def choose_layout(model: nn.Module, dtype: torch.dtype | None = None, device: torch.device | str | None = None,
-                  verbose: bool = True) -> str:
+                  verbose: bool = True, remeasure: bool = False) -> str:
     """The fastest decode layout for `model`'s config in `dtype` on `device` (default: the model's own).
 
     `model` may still be on the meta device (assemble.py decides before reading any weight). Measured once per CPU,
-    torch, thread count, shapes and dtype (a few seconds), then read from the cache directory.
+    torch, thread count, shapes and dtype (a few seconds), then read from the cache directory; `remeasure` times
+    again (a measurement taken while other work loaded the CPU can be wrong: `mistral-tutorial info --kernels
+    --remeasure`).
     """
     config = model.config
     dtype = dtype or model.dtype
@@ -151,7 +152,8 @@ def choose_layout(model: nn.Module, dtype: torch.dtype | None = None, device: to
         return found[0]
     key = decision_key(config, dtype)
     decision = _load_decisions().get(key)
-    if decision is None or decision.get("layout") not in found or set(decision.get("seconds", {})) != set(found):
+    if (remeasure or decision is None or decision.get("layout") not in found
+            or set(decision.get("seconds", {})) != set(found)):
         if verbose:
             notice(f"timing the decode layouts {found} for this CPU, once (remembered in {decisions_path()})")
         decision = measure(type(model), config, dtype, found)

@@ -24,6 +24,7 @@ from .masks import sequence_attention
 from .packed import PackedLinear
 from .registry import loader
 from .rope import RotaryEmbedding
+from .weight_only import SHORT_ROWS
 
 
 class Transformer(nn.Module):
@@ -63,7 +64,9 @@ class Transformer(nn.Module):
 
     @property
     def activation_dtype(self) -> torch.dtype:
-        """The dtype the model computes in: fp32 in the fused layout (bf16 weights, fp32 activations), else `dtype`."""
+        """The dtype of the cache and of short steps: fp32 in the fused layout (bf16 weights, fp32 activations), else
+        `dtype`. A long chunk (more than weight_only.SHORT_ROWS tokens) computes in `dtype`, as the plain layout does:
+        there the activations' traffic, not the weights', is the cost."""
         return torch.float32 if self.fused_decoder is not None else self.dtype
 
     def num_parameters(self, active: bool = False) -> int:
@@ -149,7 +152,7 @@ class Transformer(nn.Module):
             x = self.tok_embeddings(tokens)                                                # (B, T, dim)
         else:
             x = F.embedding(tokens, self.tok_embeddings.weight)                            # (B, T, dim)
-        x = x.to(self.activation_dtype)
+        x = x.to(self.activation_dtype if batch * seq_len <= SHORT_ROWS else self.dtype)
 
         if cache is None:
             positions = torch.arange(seq_len, device=tokens.device)[None]                  # (1, T)

@@ -59,6 +59,26 @@ def test_info_mixtral_active(capsys):
     assert f"{dense + 32 * (2 * expert + 8 * 4096):,}" in out
 
 
+def test_info_kernels_times_the_layouts_once_and_prints_them(tmp_path, monkeypatch, capsys):
+    """On a tiny checkpoint (the 7B preset would time a 0.7 GB layer): every candidate's time and GB/s, the fastest
+    marked, then read back without timing again."""
+    from conftest import tiny_config
+
+    from mistral_tutorial import kernel_choice
+
+    monkeypatch.delenv(kernel_choice.LAYOUT_ENV, raising=False)
+    monkeypatch.setenv(kernel_choice.DECISIONS_ENV, str(tmp_path / "decisions.json"))
+    (tmp_path / "params.json").write_text(__import__("json").dumps(tiny_config().to_params()))
+    assert main(["info", str(tmp_path), "--kernels", "--dtype", "float32"]) == 0
+    out = capsys.readouterr().out
+    decision = next(iter(__import__("json").loads((tmp_path / "decisions.json").read_text()).values()))
+    assert f"{decision['layout']:24s}" in out and "<- chosen" in out
+    for layout, gb in decision["gb_per_s"].items():
+        assert f"{layout:24s}" in out and f"{gb:5.1f} GB/s" in out
+    monkeypatch.setattr(kernel_choice, "measure", lambda *a: pytest.fail("timed again"))
+    assert main(["info", str(tmp_path), "--kernels", "--dtype", "float32"]) == 0
+
+
 def test_info_unknown_model_is_a_clear_error(tmp_path):
     result = run_cli("info", str(tmp_path / "nope"))
     assert result.returncode != 0 and "no such file" in result.stderr

@@ -1,7 +1,7 @@
 """Causal self-attention with grouped-query heads (Ainslie et al. 2023), masked by Mistral's sliding window (masks.py).
 
-Mistral 7B §2: "each token can attend to at most W tokens from the previous layer": query i sees key j iff
-i - W < j <= i (W keys, itself included). W = None is full causal attention.
+Mistral 7B, Fig 1 caption: "each token can attend to at most W tokens from the previous layer": query i sees key j
+iff i - W < j <= i (W keys, itself included; masks.py). W = None is full causal attention.
 """
 
 from __future__ import annotations

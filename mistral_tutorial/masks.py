@@ -1,8 +1,10 @@
-"""Mistral's sliding-window mask (Mistral 7B §2), the one piece attention and the KV cache both use.
+"""Mistral's sliding-window mask, the one piece attention and the KV cache both use.
 
-"each token can attend to at most W tokens from the previous layer": query i sees key j iff i - W < j <= i (W keys,
-itself included). W = None is full causal attention. attention.py applies the mask; cache.py builds it for a chunk;
-`sequence_attention` for a whole sequence without a cache.
+Mistral 7B's Fig 1 caption: "each token can attend to at most W tokens from the previous layer"; its §2 text says h_i
+attends to the positions "between i - W and i" (W + 1 of them if both ends count). The mask here is W keys, itself
+included: query i sees key j iff i - W < j <= i, as transformers' `sliding_window_causal_mask_function` and the W-slot
+rolling buffer (§2, "Rolling Buffer Cache") have it. W = None is full causal attention. attention.py applies the
+mask; cache.py builds it for a chunk; `sequence_attention` for a whole sequence without a cache.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ def window_mask(query_pos: torch.Tensor, key_pos: torch.Tensor, window: int | No
         raise ValueError(f"sliding window must be >= 1 (or None for full attention), got {window}")
     q = query_pos[..., :, None]                                    # (..., Tq, 1)
     k = key_pos[..., None, :]                                      # (..., 1, Tk)
-    # Mistral 7B §2: causal, and at most W keys back (itself included)
+    # Mistral 7B Fig 1 caption: causal, and at most W keys (itself included)
     allowed = k <= q
     if window is not None:
         allowed = allowed & (k > q - window)

@@ -1,8 +1,9 @@
 """Mixtral's sparse mixture of experts (Jiang et al. 2024, §2.1): each token goes to k of E SwiGLU experts.
 
-Mixtral eq. (1)-(2): y = sum_i G(x)_i * E_i(x), with G(x) = Softmax(TopK(x W_g)). transformers 5.x computes the same
-weights in another order (softmax over all E in fp32 -> top-k -> renormalise); `route` does that, `route_paper` the
-paper's form, and the two agree (softmax is monotone, and renormalising restricts it to the chosen k).
+Mixtral §2.1 (its equations are unnumbered): y = sum_i G(x)_i * E_i(x), with G(x) = Softmax(TopK(x W_g)).
+transformers 5.x computes the same weights in another order (softmax over all E in fp32 -> top-k -> renormalise);
+`route` does that, `route_paper` the paper's form, and the two agree (softmax is monotone, and renormalising
+restricts it to the chosen k).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ def route(router_logits: torch.Tensor, experts_per_token: int) -> tuple[torch.Te
 
 
 def route_paper(router_logits: torch.Tensor, experts_per_token: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mixtral eq. (2): G(x) = Softmax(TopK(x W_g)), the softmax taken over the k kept logits only."""
+    """Mixtral §2.1: G(x) = Softmax(TopK(x W_g)), the softmax taken over the k kept logits only."""
     top_logits, experts = router_logits.float().topk(experts_per_token, dim=-1)   # (N, k)
     return torch.softmax(top_logits, dim=-1), experts
 
@@ -72,7 +73,7 @@ class MoeLayer(nn.Module):
             routed = x * torch.empty_like(x).uniform_(1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
             x = routed                                                                     # experts see the jittered input too, as in transformers
         router_logits = self.gate(routed)                                                  # (N, E)
-        # Mixtral eq. (1): y = sum_{i in top-k} G(x)_i * E_i(x)
+        # Mixtral §2.1: y = sum_{i in top-k} G(x)_i * E_i(x)
         weights, experts = route(router_logits, self.experts_per_token)                    # (N, k), (N, k)
 
         # Dispatch: sort the N*k (token, expert) pairs by expert, so each expert runs once on its own tokens

@@ -157,7 +157,7 @@ class ExpertParallelMoe(nn.Module):
                 outputs[rows] = self.expert(e, received[rows])
             begin += count
 
-        # 4. combine: back to the rank that sent each pair, in the order sent; Mixtral eq. (1) sums them
+        # 4. combine: back to the rank that sent each pair, in the order sent; Mixtral §2.1's sum over the experts
         returned = all_to_all(outputs, receive_rows, send_rows, self.group)                # (n*k, dim)
         weight_of_pair = weights[start:stop].reshape(-1)[order]                            # (n*k,)
         mine = x.new_zeros((stop - start, x.shape[1]))

@@ -194,7 +194,7 @@ def test_permutation_rejects_bad_shapes():
 # ---------------------------------------------------------------------------------------------------------------------
 # The sliding-window mask
 def mask_by_loop(seq_len: int, window: int | None) -> torch.Tensor:
-    """Mistral 7B §2: query i sees key j iff i - W < j <= i."""
+    """Mistral 7B Fig 1 caption, "at most W tokens": query i sees key j iff i - W < j <= i (W keys, itself included)."""
     mask = torch.zeros(seq_len, seq_len, dtype=torch.bool)
     for i in range(seq_len):
         for j in range(seq_len):

@@ -14,8 +14,8 @@ import mistral_tutorial as mt
 # Mistral 7B paper (Jiang et al. 2023), Table 1
 MISTRAL_7B_TABLE_1 = dict(dim=4096, n_layers=32, head_dim=128, hidden_dim=14336, n_heads=32, n_kv_heads=8,
                           sliding_window=4096, vocab_size=32000)
-# Mixtral paper (Jiang et al. 2024), Table 1: the same trunk, 8 experts, top-2, full attention; rope_theta 1e6 (its
-# transformers config)
+# Mixtral paper (Jiang et al. 2024), Table 1: the same trunk, 8 experts, top-2; full attention (§2 text: "a fully dense
+# context length"); rope_theta 1e6 (its transformers config)
 MIXTRAL_TABLE_1 = dict(dim=4096, n_layers=32, head_dim=128, hidden_dim=14336, n_heads=32, n_kv_heads=8,
                        vocab_size=32000, n_experts=8, experts_per_token=2, sliding_window=None, rope_theta=1e6)
 

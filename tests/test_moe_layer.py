@@ -78,7 +78,7 @@ def test_route_paper_agrees_with_route(k):
     w_paper, e_paper = mt.route_paper(logits, k)
     assert torch.equal(e, e_paper)
     torch.testing.assert_close(w_paper, w, atol=1e-6, rtol=1e-5)
-    # Mixtral eq. (2) by hand: G(x)_i = exp(l_i) / sum_{j in top-k} exp(l_j), for the k largest logits
+    # Mixtral §2.1's G(x) by hand: G(x)_i = exp(l_i) / sum_{j in top-k} exp(l_j), for the k largest logits
     for n in range(logits.shape[0]):
         top = sorted(range(8), key=lambda i: -float(logits[n, i]))[:k]
         z = sum(math.exp(float(logits[n, j])) for j in top)

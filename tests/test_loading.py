@@ -62,7 +62,8 @@ def test_from_pretrained_overrides_and_dtype(tmp_path, ids):
     hf.config.sliding_window = 2
     assert max_abs_diff(ours(ids), hf_logits(hf, ids)) <= ATOL
     half = mt.Transformer.from_pretrained(tmp_path, dtype=torch.bfloat16)
-    assert half.dtype == torch.bfloat16 and half(ids).dtype == half.activation_dtype     # fp32 in the fused layout
+    assert half.dtype == torch.bfloat16 and half(ids).dtype == torch.bfloat16           # a long chunk: as plain bf16
+    assert half(ids[:1, :4]).dtype == half.activation_dtype == torch.float32          # a short one: fp32 (fused)
     plain = mt.Transformer.from_pretrained(tmp_path, dtype=torch.bfloat16, fast=False)
     assert plain.activation_dtype == torch.bfloat16 and plain(ids).dtype == torch.bfloat16
 

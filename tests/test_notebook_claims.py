@@ -71,6 +71,9 @@ PACKAGE_NUMBERS = sorted({(float(getattr(preset(), name)), None) for preset in m
 
 # --- per notebook: numbers no output prints, each with its source ---------------------------------------------------
 ALLOWED: dict[str, dict[str, str]] = {
+    "04_sliding_window": {"134": "a line number of mistral-src's one_file_ref.py at commit 3dc8aed, cited (the cache)",
+                          "4097": "W + 1 keys at Mistral 7B's W = 4096 (presets.mistral_7b_v0_1; Mistral 7B, Table 1)",
+                          "1e-4": "the logits tolerance tests/test_reference_impl.py holds against mistral-inference"},
     "06_sparse_moe": {"17.80": "Shazeer et al. 2017, appendix A, Table 6: max(Load)/mean(Load) of MoE-256 without losses",
                       "1.14": "Shazeer et al. 2017, appendix A, Table 6: the same with w_importance = w_load = 0.1"},
     "08_mixtral_model": {"56": "8 x 7, the arithmetic of the name 8x7B that the text refutes (the cell prints 57.9 B)"},

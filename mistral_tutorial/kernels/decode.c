@@ -52,24 +52,34 @@ typedef struct {                 /* work buffers, fp32 */
     float *scores;               /* (B*H, S) */
 } mt_scratch;
 
-/* y[b, r] = W[r] . x[b] for rows [0, W->rows); in a parallel region, shares the rows among the threads */
-static void matvec(const mt_matrix *w, const float *x, float *y, int64_t batch, int wait) {
-    if (wait) {
-        #pragma omp for schedule(static)
-        for (int64_t r = 0; r < w->rows; r++)
-            for (int64_t b = 0; b < batch; b++) y[b * w->rows + r] = mt_row_dot(w, r, x + b * w->cols);
-    } else {
-        #pragma omp for schedule(static) nowait
-        for (int64_t r = 0; r < w->rows; r++)
-            for (int64_t b = 0; b < batch; b++) y[b * w->rows + r] = mt_row_dot(w, r, x + b * w->cols);
+/* y[b, r] (+)= W[r] . x[b] for rows [0, W->rows); in a parallel region, shares the rows among the threads. With
+   more than one input row, a quantized row is unpacked once and its fp32 weights reused for every input. */
+static void product(const mt_matrix *w, const float *x, float *y, int64_t batch, int add, int wait) {
+    float unpacked[batch > 1 && w->format >= MT_Q8_0 ? w->cols : 1];
+    #pragma omp for schedule(static) nowait
+    for (int64_t r = 0; r < w->rows; r++) {
+        const float *weights = 0;
+        if (batch > 1 && w->format >= MT_Q8_0) {
+            mt_unpack_row(w, r, unpacked);
+            weights = unpacked;
+        }
+        for (int64_t b = 0; b < batch; b++) {
+            float dot = weights ? dot_f32(weights, x + b * w->cols, w->cols) : mt_row_dot(w, r, x + b * w->cols);
+            y[b * w->rows + r] = add ? y[b * w->rows + r] + dot : dot;
+        }
     }
+    if (wait) {
+        #pragma omp barrier
+    }
+}
+
+static void matvec(const mt_matrix *w, const float *x, float *y, int64_t batch, int wait) {
+    product(w, x, y, batch, 0, wait);
 }
 
 /* x[b, r] += W[r] . h[b]: a projection added into the residual stream */
 static void matvec_add(const mt_matrix *w, const float *h, float *x, int64_t batch) {
-    #pragma omp for schedule(static)
-    for (int64_t r = 0; r < w->rows; r++)
-        for (int64_t b = 0; b < batch; b++) x[b * w->rows + r] += mt_row_dot(w, r, h + b * w->cols);
+    product(w, h, x, batch, 1, 1);
 }
 
 /* Zhang & Sennrich 2019, eq. (4): y = x / sqrt(mean(x^2) + eps) * g, for each of the B rows */
@@ -189,8 +199,14 @@ void mt_decode_step(const mt_model *m, const mt_step *s, const mt_scratch *w, fl
     }
 }
 
-/* y (B, rows) = x (B, cols) W^T, for the PyTorch path's short products (fused_decode.py) */
+/* y (B, rows) = x (B, cols) W^T, for the PyTorch path's short products (weight_only.py, quantized.py) */
 void mt_matvec(const mt_matrix *w, const float *x, float *y, int64_t batch, int n_threads) {
     #pragma omp parallel num_threads(n_threads)
     matvec(w, x, y, batch, 1);
+}
+
+/* out (n, cols) fp32 = rows `which[0..n)` of W (every row in order if which is NULL): unpacked, exactly */
+void mt_unpack_rows(const mt_matrix *w, const int64_t *which, int64_t n, float *out, int n_threads) {
+    #pragma omp parallel for schedule(static) num_threads(n_threads)
+    for (int64_t i = 0; i < n; i++) mt_unpack_row(w, which ? which[i] : i, out + i * w->cols);
 }

@@ -15,7 +15,9 @@ vectorises for whatever the CPU has.
 #include <immintrin.h>
 #endif
 
-enum mt_format { MT_F32 = 0, MT_BF16 = 1 };
+#include "quants.h"
+
+enum mt_format { MT_F32 = 0, MT_BF16 = 1, MT_Q8_0 = 2, MT_Q4_0 = 3, MT_Q4_1 = 4, MT_Q4_K = 5, MT_Q6_K = 6 };
 
 typedef struct {
     const void *data;        /* row-major: row r starts at data + r * row_bytes */
@@ -77,12 +79,69 @@ static inline float dot_bf16(const uint16_t *w, const float *x, int64_t n) {
     return sum;
 }
 
+/* weights per block and bytes per block of a quantized format (0 for fp32, bf16) */
+static inline int mt_block_size(int format) {
+    return format == MT_Q4_K || format == MT_Q6_K ? 256 : format >= MT_Q8_0 ? 32 : 0;
+}
+
+static inline int mt_block_bytes(int format) {
+    switch (format) {
+    case MT_Q8_0: return 34;
+    case MT_Q4_0: return 18;
+    case MT_Q4_1: return 20;
+    case MT_Q4_K: return 144;
+    case MT_Q6_K: return 210;
+    default:      return 0;
+    }
+}
+
+/* the fp32 weights of one quantized block */
+static inline void mt_unpack_block(int format, const uint8_t *block, float *w) {
+    switch (format) {
+    case MT_Q8_0: unpack_q8_0(block, w); break;
+    case MT_Q4_0: unpack_q4_0(block, w); break;
+    case MT_Q4_1: unpack_q4_1(block, w); break;
+    case MT_Q4_K: unpack_q4_k(block, w); break;
+    default:      unpack_q6_k(block, w); break;
+    }
+}
+
+/* dot of a quantized row (n weights) with x: each block unpacked into registers, then multiply-added in 16 lanes */
+static inline float dot_blocks(int format, const uint8_t *row, const float *x, int64_t n) {
+    int size = mt_block_size(format), bytes = mt_block_bytes(format);
+    float w[256], lanes[16] = {0};
+    for (int64_t start = 0; start < n; start += size, row += bytes) {
+        mt_unpack_block(format, row, w);
+        for (int i = 0; i < size; i += 16) {
+            #pragma omp simd
+            for (int l = 0; l < 16; l++) lanes[l] += w[i + l] * x[start + i + l];
+        }
+    }
+    float sum = 0.f;
+    for (int l = 0; l < 16; l++) sum += lanes[l];
+    return sum;
+}
+
+/* the fp32 weights of row r of W, into out (W->cols floats) */
+static inline void mt_unpack_row(const mt_matrix *w, int64_t r, float *out) {
+    const uint8_t *row = (const uint8_t *)w->data + r * w->row_bytes;
+    if (w->format == MT_F32) {
+        memcpy(out, row, w->cols * sizeof(float));
+    } else if (w->format == MT_BF16) {
+        for (int64_t i = 0; i < w->cols; i++) out[i] = mt_bf16_to_f32(((const uint16_t *)row)[i]);
+    } else {
+        int size = mt_block_size(w->format), bytes = mt_block_bytes(w->format);
+        for (int64_t start = 0; start < w->cols; start += size, row += bytes) mt_unpack_block(w->format, row, out + start);
+    }
+}
+
 /* dot(row r of W, x), x holding W->cols floats */
 static inline float mt_row_dot(const mt_matrix *w, int64_t r, const float *x) {
     const char *row = (const char *)w->data + r * w->row_bytes;
     switch (w->format) {
+    case MT_F32:  return dot_f32((const float *)row, x, w->cols);
     case MT_BF16: return dot_bf16((const uint16_t *)row, x, w->cols);
-    default:      return dot_f32((const float *)row, x, w->cols);
+    default:      return dot_blocks(w->format, (const uint8_t *)row, x, w->cols);
     }
 }
 

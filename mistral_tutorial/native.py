@@ -24,7 +24,7 @@ import torch
 from .assets import cache_dir
 
 KERNEL_DIR = Path(__file__).resolve().parent / "kernels"
-SOURCES = ("decode.c",)
+SOURCES = ("decode.c",)            # it includes rowdot.h and quants.h
 DISABLE_ENV = "MISTRAL_TUTORIAL_NO_NATIVE"            # set to 1: never build or load the C kernels
 # -march=native (gcc, clang on x86), -mcpu=native (clang on Arm), then nothing; OpenMP if the compiler has it
 _ARCH_FLAGS = (["-march=native"], ["-mcpu=native"], [])
@@ -117,7 +117,7 @@ def library() -> ctypes.CDLL | None:
     except OSError as err:
         _state["why"] = f"the compiled kernels {out} did not load: {err}"
         return None
-    for name in ("mt_decode_step", "mt_matvec"):
+    for name in ("mt_decode_step", "mt_matvec", "mt_unpack_rows"):
         getattr(lib, name).restype = None
     _state["lib"] = lib
     return lib
@@ -127,14 +127,30 @@ def matvec(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """x (..., in) fp32 -> x W^T (..., out) fp32 with the C row products: W read once, in its own format (fp32 or
     bf16, widened in registers), the sums in fp32. For a few rows at a time: each row of W is re-read from the cache
     for every row of x."""
+    return matvec_of(Matrix.of(weight), x).reshape(*x.shape[:-1], weight.shape[0])
+
+
+def _lib() -> ctypes.CDLL:
     lib = library()
     if lib is None:
         raise RuntimeError(f"the C kernels are not available: {why_unavailable()}")
-    flat = x.reshape(-1, x.shape[-1]).contiguous()                                     # (N, in)
-    out = torch.empty(flat.shape[0], weight.shape[0])                                  # (N, out)
-    lib.mt_matvec(ctypes.byref(Matrix.of(weight)), ctypes.c_void_p(flat.data_ptr()), ctypes.c_void_p(out.data_ptr()),
-                  ctypes.c_int64(flat.shape[0]), ctypes.c_int(torch.get_num_threads()))
-    return out.reshape(*x.shape[:-1], weight.shape[0])
+    return lib
+
+
+def matvec_of(w: Matrix, x: torch.Tensor) -> torch.Tensor:
+    """x (N, cols) fp32 -> (N, rows) fp32 = x W^T, for the mt_matrix `w` (any format of kernels/rowdot.h)."""
+    flat = x.reshape(-1, w.cols).contiguous()                                          # (N, in)
+    out = torch.empty(flat.shape[0], w.rows)                                           # (N, out)
+    _lib().mt_matvec(ctypes.byref(w), ctypes.c_void_p(flat.data_ptr()), ctypes.c_void_p(out.data_ptr()),
+                     ctypes.c_int64(flat.shape[0]), ctypes.c_int(torch.get_num_threads()))
+    return out
+
+
+def unpack_rows(w: Matrix, which: torch.Tensor | None, out: torch.Tensor) -> None:
+    """out (n, cols) fp32 = the rows `which` (n,) int64 of `w` unpacked to fp32 (every row if None)."""
+    n = w.rows if which is None else which.numel()
+    _lib().mt_unpack_rows(ctypes.byref(w), None if which is None else ctypes.c_void_p(which.data_ptr()),
+                          ctypes.c_int64(n), ctypes.c_void_p(out.data_ptr()), ctypes.c_int(torch.get_num_threads()))
 
 
 def why_unavailable() -> str | None:

@@ -141,7 +141,11 @@ static inline float mt_row_dot(const mt_matrix *w, int64_t r, const float *x) {
     switch (w->format) {
     case MT_F32:  return dot_f32((const float *)row, x, w->cols);
     case MT_BF16: return dot_bf16((const uint16_t *)row, x, w->cols);
-    default:      return dot_blocks(w->format, (const uint8_t *)row, x, w->cols);
+    case MT_Q8_0: return dot_q8_0((const uint8_t *)row, x, w->cols);
+    case MT_Q4_0: return dot_q4_0((const uint8_t *)row, x, w->cols);
+    case MT_Q4_1: return dot_q4_1((const uint8_t *)row, x, w->cols);
+    case MT_Q4_K: return dot_q4_k((const uint8_t *)row, x, w->cols);
+    default:      return dot_q6_k((const uint8_t *)row, x, w->cols);
     }
 }
 

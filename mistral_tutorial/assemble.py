@@ -20,11 +20,13 @@ from .errors import CheckpointError
 from .kernel_choice import choose_layout
 from .load_plan import plan_checkpoint
 from .model import Transformer
+from .notices import notice
+from .quantized_load import load_note, take_quantized, tie_quantized_head
 from .sharding import Parallelism
 
 
 def assemble(source: TensorSource, fmt: str, config: ModelConfig, dtype: torch.dtype, device: str | torch.device,
-             fast: bool, parallel: Parallelism | None = None) -> Transformer:
+             fast: bool, parallel: Parallelism | None = None, quantization: str | None = None) -> Transformer:
     """Build the model on `meta`, then read the checkpoint into it one tensor at a time (see the module docstring).
 
     fast: the decode layout measured fastest for this CPU (kernel_choice.py), decided before any weight is read, so
@@ -34,6 +36,8 @@ def assemble(source: TensorSource, fmt: str, config: ModelConfig, dtype: torch.d
     parallel: this rank's share (sharding.py): its modules are swapped in on `meta` once the whole checkpoint is
     checked, and each tensor is cut to this rank's rows or columns (a view of the mapped file) before it is read;
     another rank's experts are not read at all.
+    quantization: "keep" (a GGUF's quantized blocks stay as they are), "int8" or "int4" (quantize on load), or None;
+    see quantized_load.py. Everything else is read in `dtype` (fp32 for a quantized model).
     """
     with torch.device("meta"):
         model = Transformer(config)
@@ -47,7 +51,9 @@ def assemble(source: TensorSource, fmt: str, config: ModelConfig, dtype: torch.d
         parallel.shard_modules(model)                     # this rank's modules, still on meta
 
     device = torch.device(device)
-    layout = choose_layout(model, dtype, device) if fast else "plain"
+    if parallel is not None or device.type != "cpu":
+        quantization = None                               # the quantized kernels run in one CPU process
+    layout = choose_layout(model, dtype, device, quantized=quantization is not None) if fast else "plain"
     packing = layout == "packed"
     module_names = {id(m): n for n, m in model.named_modules()}
     groups = {}                                           # our key -> (module, names, keys) of its packed group
@@ -56,6 +62,8 @@ def assemble(source: TensorSource, fmt: str, config: ModelConfig, dtype: torch.d
             keys = [".".join(filter(None, [module_names[id(module)], n, "weight"])) for n in names]
             groups.update({k: (module, names, keys) for k in keys if k in expected})
     done: set[str] = set()
+    kept: dict[str, int] = {}                             # quantized type -> tensors kept (or made) quantized
+    widened: dict[str, int] = {}                          # quantized type -> tensors dequantized (no kernel)
     slots: dict[str, set[int]] = {}
     waiting: dict[str, list[tuple[str, torch.Tensor]]] = {}   # file tensors a group holds until it is packed
     biggest_first = {"tok_embeddings.weight": 0, "output.weight": 0}  # the largest transient first, then file order
@@ -66,6 +74,11 @@ def assemble(source: TensorSource, fmt: str, config: ModelConfig, dtype: torch.d
             places = [t for t in plan[name] if parallel is None or parallel.holds(t.key, t.expert, config)]
             if not places:
                 continue                                      # another rank's expert: never read
+            if take_quantized(model, source, name, places, expected, quantization, kept):
+                done.update(t.key for t in places)
+                continue
+            if isinstance(source.infos[name].dtype, str):     # a quantized type, read dequantized
+                widened[source.infos[name].dtype] = widened.get(source.infos[name].dtype, 0) + 1
             tensor = source.read(name)
             in_use = False                                    # is the file's memory now a parameter's?
             for t in places:
@@ -103,13 +116,15 @@ def assemble(source: TensorSource, fmt: str, config: ModelConfig, dtype: torch.d
             if not in_use:
                 source.release(name, tensor)
             del tensor
-    if config.tie_embeddings:
+    if config.tie_embeddings and not tie_quantized_head(model):
         model.output.weight = model.tok_embeddings.weight
         if packing:
             pack_group(model, ("output",), tied_to=model.tok_embeddings.weight)
     still_empty = [n for n, p in model.named_parameters() if p.is_meta]
     if still_empty:                                       # plan_checkpoint makes this impossible; never hand out garbage
         raise CheckpointError(f"{source.description}: no data for {still_empty[:8]}")
+    if kept or (quantization is not None and widened):
+        notice(f"{source.description}: {load_note(kept, widened, quantization if quantization != 'keep' else None)}")
     if layout == "fused":
         use_layout(model, "fused")
     return model.eval()

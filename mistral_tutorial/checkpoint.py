@@ -67,9 +67,11 @@ class TensorSource:
     """
 
     def __init__(self, infos: dict[str, TensorInfo], read: Callable[[str], torch.Tensor], description: str,
-                 mapped: bool = False, release: Callable[[str, torch.Tensor], None] | None = None) -> None:
+                 mapped: bool = False, release: Callable[[str, torch.Tensor], None] | None = None,
+                 read_blocks: Callable[[str], torch.Tensor] | None = None) -> None:
         self.infos, self.read, self.description, self.mapped = infos, read, description, mapped
         self.release = release or (lambda name, tensor: None)
+        self.read_blocks = read_blocks          # GGUF: a quantized tensor's bytes as the file holds them
 
     @classmethod
     def from_safetensors(cls, files: list[Path], description: str) -> TensorSource:
@@ -126,7 +128,7 @@ def open_gguf(path: Path) -> tuple[dict[str, Any], TensorSource]:
         raise CheckpointError(f"{path}: GGUF version {version} is not supported (this reader reads versions "
                               f"{gguf.gguf_reader.READER_SUPPORTED_VERSIONS})")
     try:
-        reader = gguf.GGUFReader(str(path))
+        reader = gguf.GGUFReader(str(path), mode="c")             # private copy-on-write pages: never the file
         metadata = {key: field.contents() for key, field in reader.fields.items()
                     if not key.startswith("tokenizer.ggml.")}
     except Exception as err:   # noqa: BLE001 - a broken file raises struct, numpy or value errors from deep inside
@@ -150,7 +152,11 @@ def open_gguf(path: Path) -> tuple[dict[str, Any], TensorSource]:
     def release(name: str, tensor: torch.Tensor) -> None:                  # the quantized bytes, memory-mapped
         drop_pages(tensors[name].data.ctypes.data, tensors[name].data.nbytes)
 
-    return metadata, TensorSource(infos, read, f"GGUF file {path}", release=release)
+    def read_blocks(name: str) -> torch.Tensor:
+        """A quantized tensor's blocks, (rows..., bytes per row) uint8, backed by the mapped file (zero-copy)."""
+        return torch.from_numpy(tensors[name].data)
+
+    return metadata, TensorSource(infos, read, f"GGUF file {path}", release=release, read_blocks=read_blocks)
 
 
 def _check_gguf_layout(path: Path, reader: Any) -> None:

@@ -22,6 +22,7 @@ from torch import nn
 from . import native
 from .inputs import check_vocabulary
 from .native import FORMATS, Matrix
+from .quantized import QuantEmbedding, QuantLinear, matrix
 
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
 
@@ -73,11 +74,19 @@ def why_not_fused(model: nn.Module) -> str | None:
         return why
     if getattr(model, "parallelism", None) is not None:
         return "the C step runs in one process (not under parallel=...)"
-    if any(not isinstance(m, nn.Linear) for m in _projections(model)):
+    if any(not isinstance(m, (nn.Linear, QuantLinear)) for m in _projections(model)):
         return "the projections are not nn.Linear modules (the packed layout? mt.unpack(model) first)"
-    if any(m.weight.dtype not in FORMATS or not m.weight.is_contiguous() for m in _projections(model)):
-        return "weights must be contiguous fp32 or bf16"
+    if any(isinstance(m, nn.Linear) and (m.weight.dtype not in FORMATS or not m.weight.is_contiguous())
+           for m in _projections(model)):
+        return "weights must be contiguous fp32 or bf16, or quantized (quantized.py)"
     return None
+
+
+def _matrix(linear: nn.Module) -> Matrix:
+    """The kernels' mt_matrix of a projection: its weight, or its quantized blocks."""
+    if isinstance(linear, QuantLinear):
+        return matrix(linear.blocks, linear.qtype, linear.in_features)
+    return Matrix.of(linear.weight)
 
 
 class FusedDecoder:
@@ -92,11 +101,10 @@ class FusedDecoder:
         self._build()
 
     def _weights(self) -> list[torch.Tensor]:
+        """Every tensor the C structs point at (a quantized layer's blocks), to see when one changes."""
         m = self.model
-        return [m.output.weight, m.norm.weight] + [t for layer in m.layers for t in (
-            layer.attention_norm.weight, layer.ffn_norm.weight, layer.attention.wq.weight, layer.attention.wk.weight,
-            layer.attention.wv.weight, layer.attention.wo.weight, layer.feed_forward.w1.weight,
-            layer.feed_forward.w2.weight, layer.feed_forward.w3.weight)]
+        held = [m.norm.weight] + [t for layer in m.layers for t in (layer.attention_norm.weight, layer.ffn_norm.weight)]
+        return held + [p.blocks if isinstance(p, QuantLinear) else p.weight for p in _projections(m)]
 
     def _build(self) -> None:
         """The C structs, pointing at the model's tensors (norm gains as fp32 copies: (dim,) each)."""
@@ -112,10 +120,10 @@ class FusedDecoder:
         for i, layer in enumerate(m.layers):
             a, f = layer.attention, layer.feed_forward
             layers[i] = Layer(self.norms[i].data_ptr(), self.norms[n + i].data_ptr(),
-                              *(Matrix.of(lin.weight) for lin in (a.wq, a.wk, a.wv, a.wo, f.w1, f.w2, f.w3)))
+                              *(_matrix(lin) for lin in (a.wq, a.wk, a.wv, a.wo, f.w1, f.w2, f.w3)))
         self.layers = layers
         self.struct = Model(n, c.dim, c.n_heads, c.n_kv_heads, c.head_dim, c.hidden_dim, c.vocab_size,
-                            c.norm_eps, 0, self.norms[-1].data_ptr(), Matrix.of(m.output.weight),
+                            c.norm_eps, 0, self.norms[-1].data_ptr(), _matrix(m.output),
                             ctypes.addressof(layers))
         self.scratch: dict[tuple[int, int], tuple[Scratch, list[torch.Tensor]]] = {}
 
@@ -159,7 +167,10 @@ class FusedDecoder:
         cos, sin = cos.contiguous(), sin.contiguous()
         cache.begin(1)
         plan = cache._plan
-        x = F.embedding(tokens[:, 0], m.tok_embeddings.weight).float().contiguous()       # (B, dim)
+        if isinstance(m.tok_embeddings, QuantEmbedding):
+            x = m.tok_embeddings(tokens[:, 0]).contiguous()                               # (B, dim), unpacked
+        else:
+            x = F.embedding(tokens[:, 0], m.tok_embeddings.weight).float().contiguous()   # (B, dim)
         logits = torch.empty(batch, c.vocab_size)                                         # (B, vocab)
         pad = cache.pad
         step = Step(cache.keys.data_ptr(), cache.values.data_ptr(), batch, cache.size, plan.first_slot,

@@ -27,6 +27,7 @@ from .decode_layout import LAYOUTS, use_layout
 from .fused_decode import fused_unavailable
 from .notices import notice
 from .packed import can_pack
+from .quantized import QuantEmbedding, QuantLinear
 
 LAYOUT_ENV = "MISTRAL_TUTORIAL_LAYOUT"
 DECISIONS_ENV = "MISTRAL_TUTORIAL_DECISIONS"
@@ -41,8 +42,13 @@ def decisions_path() -> Path:
     return cache_dir() / "kernels" / "decisions.json"
 
 
-def candidates(config, dtype: torch.dtype, device: torch.device | str) -> list[str]:
-    """The layouts that can run a model of `config` in `dtype` on `device` ("plain" always can)."""
+def candidates(config, dtype: torch.dtype, device: torch.device | str, quantized: bool = False) -> list[str]:
+    """The layouts that can run a model of `config` in `dtype` on `device` ("plain" always can).
+
+    A quantized model (quantized.py) has one: "fused" where the C kernels run, which are the products its plain layout
+    calls too, one matrix at a time with Python between them; so nothing is timed."""
+    if quantized:
+        return ["fused"] if fused_unavailable(config, torch.float32, device) is None else ["plain"]
     found = ["plain"]
     if can_pack(dtype, device):
         found.append("packed")
@@ -129,7 +135,7 @@ def measure(model_type: type[nn.Module], config, dtype: torch.dtype, layouts: li
 
 
 def choose_layout(model: nn.Module, dtype: torch.dtype | None = None, device: torch.device | str | None = None,
-                  verbose: bool = True, remeasure: bool = False) -> str:
+                  verbose: bool = True, remeasure: bool = False, quantized: bool | None = None) -> str:
     """The fastest decode layout for `model`'s config in `dtype` on `device` (default: the model's own).
 
     `model` may still be on the meta device (assemble.py decides before reading any weight). Measured once per CPU,
@@ -140,7 +146,9 @@ def choose_layout(model: nn.Module, dtype: torch.dtype | None = None, device: to
     config = model.config
     dtype = dtype or model.dtype
     device = torch.device(device or model.device)
-    found = candidates(config, dtype, device)
+    if quantized is None:
+        quantized = any(isinstance(m, (QuantLinear, QuantEmbedding)) for m in model.modules())
+    found = candidates(config, dtype, device, quantized)
     if getattr(model, "parallelism", None) is not None and "fused" in found:
         found.remove("fused")
     forced = os.environ.get(LAYOUT_ENV, "")

@@ -27,6 +27,8 @@ from .load_plan import loading_plan  # noqa: F401  (mt.loading.loading_plan as b
 from .model import Transformer
 from .names import hf_to_ours, reference_to_ours  # noqa: F401  (mt.loading.hf_to_ours as before)
 from .notices import notice
+from .quantized import FORMATS
+from .quantized_load import SCHEMES
 from .registry import register_loader
 from .sharding import Parallelism
 
@@ -47,22 +49,34 @@ def from_hf(hf_model: Any, fast: bool = False, parallel: str | None = None) -> T
 
 
 def load_pretrained(path: str | Path, dtype: torch.dtype | str = "auto", device: str | torch.device = "cpu",
-                    fast: bool = True, parallel: str | None = None, **overrides: Any) -> Transformer:
+                    fast: bool = True, parallel: str | None = None, quantize: str | None = None,
+                    **overrides: Any) -> Transformer:
     """Detect the checkpoint format at `path` and stream it into a model (see the module docstring).
 
-    dtype: "auto" (default) for the checkpoint's own (a bf16 file stays bf16; one line on stderr says which dtype
-    was used), or the model's dtype. fast: the decode layout measured fastest on this CPU (kernel_choice.py; no effect
-    on a GPU); fast=False keeps the plain PyTorch modules. `overrides`
-    change config fields (e.g. sliding_window=32) before the weights are loaded. parallel: 'expert' or 'tensor'
-    to load only this rank's share of the model (sharding.py; torch.distributed must be initialised).
+    dtype: "auto" (default) for the checkpoint's own: a bf16 file stays bf16, and a GGUF's quantized weights stay in
+    their own bits (quantized.py; the rest in fp32); one line on stderr says what was used. Or the model's dtype:
+    then everything is read (dequantized) into it, e.g. torch.float32 for the exact comparison with transformers,
+    which dequantizes. quantize: "int8" or "int4" quantizes the projections on load (quantized_load.py).
+    fast: the decode layout measured fastest on this CPU (kernel_choice.py; no effect on a GPU); fast=False keeps
+    the plain PyTorch modules. `overrides` change config fields (e.g. sliding_window=32) before the weights are
+    loaded. parallel: 'expert' or 'tensor' to load only this rank's share of the model (sharding.py;
+    torch.distributed must be initialised).
     """
     share = Parallelism.current(parallel) if parallel is not None else None
     source, fmt, config = open_checkpoint(path)
+    quantization = quantize
+    if quantize is not None and quantize not in SCHEMES:
+        raise ValueError(f"quantize must be one of {sorted(SCHEMES)} or None, got {quantize!r}")
     if dtype == "auto":
         dtype = checkpoint_dtype(source)
-        notice(f"loading {Path(path).name} in {str(dtype).removeprefix('torch.')}, the checkpoint's own dtype "
-               f"(dtype=... for another)")
-    return assemble(source, fmt, config.replace(**overrides), dtype, device, fast, share)
+        if quantize is None and any(info.dtype in FORMATS for info in source.infos.values()):
+            quantization = "keep"
+        what = "its quantized weights as they are, the rest in float32" if quantization == "keep" else \
+            f"{str(dtype).removeprefix('torch.')}, the checkpoint's own dtype"
+        notice(f"loading {Path(path).name}: {what} (dtype=... for another)")
+    if quantization is not None:
+        dtype = torch.float32                              # activations, norms and the router of a quantized model
+    return assemble(source, fmt, config.replace(**overrides), dtype, device, fast, share, quantization)
 
 
 register_loader("from_hf", from_hf)                    # Transformer.from_hf and .from_pretrained hand over to these

@@ -22,6 +22,7 @@ from .inputs import check_tokens
 from .kernel_choice import use_best_layout
 from .masks import sequence_attention
 from .packed import PackedLinear
+from .quantized import quantized_weights
 from .registry import loader
 from .rope import RotaryEmbedding
 from .weight_only import SHORT_ROWS
@@ -52,34 +53,31 @@ class Transformer(nn.Module):
         self.parallelism = None       # this rank's share when loaded with parallel=... (see sharding.py)
         self.fused_decoder = None     # the C decoding step, in the fused layout (decode_layout.py)
 
-    # -----------------------------------------------------------------------------------------------------------------
     @property
     def device(self) -> torch.device:
-        return self.tok_embeddings.weight.device
+        return self.norm.weight.device
 
     @property
     def dtype(self) -> torch.dtype:
-        """The weights' dtype."""
-        return self.tok_embeddings.weight.dtype
+        """The weights' dtype (fp32 for a quantized model: its norms, router and activations)."""
+        return self.norm.weight.dtype
 
     @property
     def activation_dtype(self) -> torch.dtype:
-        """The dtype of the cache and of short steps: fp32 in the fused layout (bf16 weights, fp32 activations), else
-        `dtype`. A long chunk (more than weight_only.SHORT_ROWS tokens) computes in `dtype`, as the plain layout does:
-        there the activations' traffic, not the weights', is the cost."""
+        """The cache's and short steps' dtype: fp32 in the fused layout (bf16 weights, fp32 activations), else `dtype`.
+        A chunk of over weight_only.SHORT_ROWS tokens computes in `dtype`, as the plain layout does."""
         return torch.float32 if self.fused_decoder is not None else self.dtype
 
     def num_parameters(self, active: bool = False) -> int:
-        """Parameter count (tied weights once). active=True counts only k of the E experts of each MoE layer.
-
-        On one rank of a parallel model (sharding.py): that rank's share; active=True is refused there.
-        """
+        """Parameter count (tied weights once); active=True: only k of the E experts of each MoE layer. On one rank
+        of a parallel model (sharding.py): that rank's share; active=True is refused there."""
         if active and self.parallelism is not None:
             raise ValueError("num_parameters(active=True) counts a whole model; one rank holds a share of it "
                              "(see parallel_costs.rank_parameter_bytes)")
         total = sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())
         total += sum(m.in_features * m.out_features for m in self.modules()             # the packed layout's
                      if isinstance(m, PackedLinear) and m.matrix.tied_to is None)      # matrices (packed.py)
+        total += quantized_weights(self.modules())                                      # quantized.py's layers
         if active and self.config.is_moe:
             c = self.config
             expert_params = 3 * c.dim * c.hidden_dim
@@ -88,9 +86,7 @@ class Transformer(nn.Module):
 
     def optimize_for_decode(self) -> Transformer:
         """Swap in the fastest decode layout for this CPU, in place (kernel_choice.py measures it once); returns self.
-
-        `mt.unpack(model)` undoes it. The default in `from_pretrained` and `generate`; nothing changes on a GPU.
-        """
+        `mt.unpack(model)` undoes it. The default in `from_pretrained` and `generate`; nothing changes on a GPU."""
         return use_best_layout(self)
 
     def to(self, *args: Any, **kwargs: Any) -> Transformer:
@@ -101,7 +97,7 @@ class Transformer(nn.Module):
             return self
         return super().to(*args, **kwargs)
 
-    def _apply(self, fn, recurse=True):   # .to(), .float(), .cuda(): refused up front for a packed model, not halfway
+    def _apply(self, fn, recurse=True):   # .to(), .float(), .cuda(): refused up front for a packed model
         if recurse and is_packed(self):
             return next(m for m in self.modules() if isinstance(m, PackedLinear))._apply(fn)
         return super()._apply(fn, recurse)
@@ -148,7 +144,7 @@ class Transformer(nn.Module):
         fused = self.fused_decoder                                       # one C call a token (fused_decode.py)
         if fused is not None and cache is not None and seq_len == 1 and not return_hidden_states and fused.ready():
             return fused(tokens, cache, check_ids)                                         # (B, 1, vocab)
-        if check_ids:
+        if check_ids or not isinstance(self.tok_embeddings, nn.Embedding):                 # (quantized.py's too)
             x = self.tok_embeddings(tokens)                                                # (B, T, dim)
         else:
             x = F.embedding(tokens, self.tok_embeddings.weight)                            # (B, T, dim)
@@ -187,14 +183,18 @@ class Transformer(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: torch.dtype | str = "auto", device: str = "cpu",
-                        fast: bool = True, parallel: str | None = None, **overrides: Any) -> Transformer:
+                        fast: bool = True, parallel: str | None = None, quantize: str | None = None,
+                        **overrides: Any) -> Transformer:
         """Stream a transformers checkpoint dir, a mistral reference folder or a .gguf file into a model.
 
-        dtype: "auto" (default) for the checkpoint's own (bf16 stays bf16), or the model's. fast (default): the decode
-        layout measured fastest on this CPU (kernel_choice.py); fast=False: the plain PyTorch modules, in `dtype`.
+        dtype: "auto" (default) for the checkpoint's own (bf16 stays bf16, a GGUF's quantized blocks stay quantized),
+        or the model's (a GGUF then dequantized into it). quantize: "int8" or "int4" on load (quantized_load.py).
+        fast (default): the decode layout measured fastest on this CPU (kernel_choice.py); fast=False: the plain
+        PyTorch modules.
         `overrides` change config fields (e.g. sliding_window=32) before the weights are loaded.
         parallel: with torch.distributed initialised (e.g. under torchrun), 'expert' (E/N experts per rank, MoE
         models) or 'tensor' (heads, FFN width and vocabulary split over the ranks): each rank reads and holds only
         its share, and every rank computes the same logits as one process (see sharding.py).
         """
-        return loader("from_pretrained")(path, dtype=dtype, device=device, fast=fast, parallel=parallel, **overrides)
+        return loader("from_pretrained")(path, dtype=dtype, device=device, fast=fast, parallel=parallel,
+                                         quantize=quantize, **overrides)

@@ -25,6 +25,7 @@ from .packed import ReadOnlyWeight
 FORMATS = {"Q8_0": (32, 34, 2), "Q4_0": (32, 18, 3), "Q4_1": (32, 20, 4), "Q4_K": (256, 144, 5), "Q6_K": (256, 210, 6)}
 SHORT_ROWS = 16                  # up to this many rows, a product goes through the C row products directly
 BAND_BYTES = 4 << 20             # a long product unpacks this much fp32 weight at a time
+MAX_COLS = 65536                 # the longest row the kernels take (MT_MAX_BLOCKS in kernels/quants_avx512.h)
 
 
 def row_bytes(qtype: str, cols: int) -> int:
@@ -39,6 +40,8 @@ def check_blocks(blocks: torch.Tensor, qtype: str, shape: tuple[int, ...], what:
     """A CheckpointError naming `what` unless `blocks` is a uint8 tensor of exactly `shape`'s rows of `qtype`."""
     if qtype not in FORMATS:
         raise CheckpointError(f"{what}: {qtype} has no kernel here (supported: {', '.join(FORMATS)})")
+    if shape[-1] > MAX_COLS:
+        raise CheckpointError(f"{what}: rows of {shape[-1]} weights; the kernels take at most {MAX_COLS}")
     want = (*shape[:-1], row_bytes(qtype, shape[-1]))
     if blocks.dtype != torch.uint8 or tuple(blocks.shape) != want:
         raise CheckpointError(f"{what}: {qtype} blocks of shape {tuple(blocks.shape)} ({blocks.dtype}) do not hold a "
@@ -80,6 +83,12 @@ def product(x: torch.Tensor, blocks: torch.Tensor, qtype: str, cols: int) -> tor
     return out.reshape(*x.shape[:-1], blocks.shape[0]).to(x.dtype)
 
 
+def quantized_weights(modules) -> int:
+    """The weights the quantized layers among `modules` hold (blocks shared by a tied head counted once)."""
+    return sum({id(m.blocks): m.blocks.shape[0] * m.cols for m in modules
+                if isinstance(m, (QuantLinear, QuantEmbedding))}.values())
+
+
 class QuantLinear(nn.Module):
     """Stands where an nn.Linear (no bias) stood: x (..., in) -> x W^T (..., out), W held as `qtype` blocks.
 
@@ -90,7 +99,7 @@ class QuantLinear(nn.Module):
         super().__init__()
         check_blocks(blocks, qtype, (blocks.shape[0], in_features), "QuantLinear")
         self.blocks, self.qtype = blocks, qtype                  # not a buffer: model.to() must not touch it
-        self.in_features, self.out_features = in_features, blocks.shape[0]
+        self.in_features, self.out_features, self.cols = in_features, blocks.shape[0], in_features
 
     @property
     def weight(self) -> torch.Tensor:
@@ -119,7 +128,7 @@ class QuantEmbedding(nn.Module):
         super().__init__()
         check_blocks(blocks, qtype, (blocks.shape[0], embedding_dim), "QuantEmbedding")
         self.blocks, self.qtype = blocks, qtype
-        self.num_embeddings, self.embedding_dim = blocks.shape[0], embedding_dim
+        self.num_embeddings, self.embedding_dim, self.cols = blocks.shape[0], embedding_dim, embedding_dim
 
     @property
     def weight(self) -> torch.Tensor:

@@ -1,0 +1,105 @@
+"""Loading into quantized layers (quantized.py): GGUF blocks kept as the file holds them, or float weights quantized
+on load (`quantize="int8"` or `"int4"`).
+
+Which tensors: the projections (wq, wk, wv, wo, w1, w2, w3), the embedding and the head. The norms, the MoE router and
+the stacked experts stay floats (the experts of a quantized MoE file are dequantized: there is no quantized expert
+kernel yet; `load_note` says so). The schemes, both llama.cpp's formats so that the same kernels run them:
+- "int8": Q8_0, absmax int8 in groups of 32 with an fp16 scale (8.5 bits a weight);
+- "int4": Q4_1, 4 bits in groups of 32 with an fp16 scale and minimum (5 bits a weight); the embedding and the head
+  (which the embedding is, when tied) in Q8_0, where 4 bits cost the most.
+Quantizing uses gguf's own code (`gguf.quants.quantize`), bit for bit llama.cpp's reference quantizer.
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import torch
+from torch import nn
+
+from .quantized import FORMATS, QuantEmbedding, QuantLinear, check_blocks
+
+SCHEMES = {"int8": ("Q8_0", "Q8_0"), "int4": ("Q4_1", "Q8_0")}       # (projections, embedding and head)
+MATRIX_KEY = re.compile(r"^(tok_embeddings|output|layers\.\d+\.(attention\.w[qkvo]|feed_forward\.w[123]))\.weight$")
+
+
+def takes_blocks(key: str, expert: int | None) -> bool:
+    """Can tensor `key` be held quantized? The 2-D projections, the embedding and the head."""
+    return expert is None and MATRIX_KEY.match(key) is not None
+
+
+def quantize(weight: torch.Tensor, qtype: str) -> torch.Tensor:
+    """(rows, cols) float -> (rows, row bytes) uint8 blocks of `qtype` (Q8_0, Q4_0 or Q4_1), as llama.cpp makes them."""
+    import gguf
+
+    values = weight.detach().float().contiguous().numpy()
+    return torch.from_numpy(np.ascontiguousarray(gguf.quants.quantize(values, gguf.GGMLQuantizationType[qtype])))
+
+
+def scheme_type(scheme: str, key: str) -> str:
+    if scheme not in SCHEMES:
+        raise ValueError(f"quantize must be one of {sorted(SCHEMES)} (or None), got {scheme!r}")
+    projections, ends = SCHEMES[scheme]
+    return ends if key in ("tok_embeddings.weight", "output.weight") else projections
+
+
+def place(model: nn.Module, key: str, blocks: torch.Tensor, qtype: str, shape: tuple[int, int], what: str) -> None:
+    """Put `blocks` (a `shape` matrix in `qtype`) where our tensor `key` goes, as a QuantLinear or QuantEmbedding."""
+    check_blocks(blocks, qtype, shape, what)
+    owner_name, _, _ = key.rpartition(".")                     # "layers.0.attention.wq"
+    parent_name, _, attribute = owner_name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    layer = QuantEmbedding(blocks, qtype, shape[1]) if key == "tok_embeddings.weight" else QuantLinear(blocks, qtype,
+                                                                                                     shape[1])
+    setattr(parent, attribute, layer)
+
+
+def tie_quantized_head(model: nn.Module) -> bool:
+    """A tied head on a quantized embedding: the same blocks, as a QuantLinear. False if the embedding is not one."""
+    embedding = model.tok_embeddings
+    if not isinstance(embedding, QuantEmbedding):
+        return False
+    model.output = QuantLinear(embedding.blocks, embedding.qtype, embedding.embedding_dim)
+    return True
+
+
+def take_quantized(model: nn.Module, source, name: str, places: list, expected: dict, quantization: str | None,
+                   kept: dict[str, int]) -> bool:
+    """Put checkpoint tensor `name` in quantized layers if it goes there (see the module docstring); True if it did.
+
+    quantization: "keep" (a GGUF's blocks, zero-copy from the mapped file: transforms such as the q/k row order
+    move whole rows, which blocks allow), "int8" or "int4" (quantized here), or None (nothing is).
+    """
+    info = source.infos[name]
+    if quantization is None or not places or not all(takes_blocks(t.key, t.expert) for t in places):
+        return False
+    what = f"{source.description}: {name}"
+    if quantization == "keep":
+        if info.dtype not in FORMATS or source.read_blocks is None:
+            return False
+        blocks = source.read_blocks(name)
+        for t in places:
+            place(model, t.key, t.transform(blocks) if t.transform else blocks, info.dtype, expected[t.key], what)
+            kept[info.dtype] = kept.get(info.dtype, 0) + 1
+        if any(t.transform for t in places):             # rows reordered into a copy: the file's pages go back
+            source.release(name, blocks)
+        return True
+    tensor = source.read(name)
+    for t in places:
+        qtype = scheme_type(quantization, t.key)
+        place(model, t.key, quantize(t.transform(tensor) if t.transform else tensor, qtype), qtype, expected[t.key],
+              what)
+        kept[qtype] = kept.get(qtype, 0) + 1
+    source.release(name, tensor)
+    return True
+
+
+def load_note(kept: dict[str, int], dequantized: dict[str, int], scheme: str | None) -> str:
+    """The one line that says what stayed quantized and what was widened (and why)."""
+    made = "quantized on load" if scheme else "kept as the file holds them"
+    parts = [f"{made}: " + ", ".join(f"{n} {q}" for q, n in sorted(kept.items()))] if kept else []
+    if dequantized:
+        parts.append("dequantized to fp32 (no kernel for them here): " +
+                     ", ".join(f"{n} {q}" for q, n in sorted(dequantized.items())))
+    return "; ".join(parts) + f" (the kernels run {', '.join(FORMATS)})"

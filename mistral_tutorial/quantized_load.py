@@ -6,7 +6,8 @@ the stacked experts stay floats (the experts of a quantized MoE file are dequant
 kernel yet; `load_note` says so). The schemes, both llama.cpp's formats so that the same kernels run them:
 - "int8": Q8_0, absmax int8 in groups of 32 with an fp16 scale (8.5 bits a weight);
 - "int4": Q4_1, 4 bits in groups of 32 with an fp16 scale and minimum (5 bits a weight); the embedding and the head
-  (which the embedding is, when tied) in Q8_0, where 4 bits cost the most.
+  (which the embedding is, when tied) in Q8_0, where 4 bits cost the most;
+- or a type by name: "Q8_0", "Q4_0" or "Q4_1" (the embedding and head in Q8_0).
 Quantizing uses gguf's own code (`gguf.quants.quantize`), bit for bit llama.cpp's reference quantizer.
 """
 
@@ -20,7 +21,9 @@ from torch import nn
 
 from .quantized import FORMATS, QuantEmbedding, QuantLinear, check_blocks
 
-SCHEMES = {"int8": ("Q8_0", "Q8_0"), "int4": ("Q4_1", "Q8_0")}       # (projections, embedding and head)
+# scheme -> (the projections' type, the embedding's and head's); a GGML type name asks for that type by name
+SCHEMES = {"int8": ("Q8_0", "Q8_0"), "int4": ("Q4_1", "Q8_0"), "Q8_0": ("Q8_0", "Q8_0"), "Q4_0": ("Q4_0", "Q8_0"),
+           "Q4_1": ("Q4_1", "Q8_0")}
 MATRIX_KEY = re.compile(r"^(tok_embeddings|output|layers\.\d+\.(attention\.w[qkvo]|feed_forward\.w[123]))\.weight$")
 
 

@@ -5,9 +5,11 @@ weights, in one run; and, for bf16, how far each is from the exact answer.
     python benchmarks/bench_generate.py --dtype bf16
     python benchmarks/bench_generate.py --llama-cpp           # llama-cpp-python beside them (if installed)
     python benchmarks/bench_generate.py --runs 3 --update-readme
+    python benchmarks/bench_generate.py --dtype Q4_0 --llama-cpp   # a Q4_0 file made by llama.cpp's own quantizer
 
-The weights are the fetched SmolLM2 GGUF's, written once as an F32 or BF16 GGUF (mistral_tutorial.gguf_export), and
-every system loads that one file: ours with plain `mt.Transformer.from_pretrained(file)` (its own dtype, the decode
+The weights are the fetched SmolLM2 GGUF's, written once as an F32 or BF16 GGUF (mistral_tutorial.gguf_export), or
+quantized from that F32 file by llama.cpp's own quantizer (llama_model_quantize: Q8_0, Q4_0, Q4_K_M; needs
+llama-cpp-python), and every system loads that one file: ours with plain `mt.Transformer.from_pretrained(file)` (its own dtype, the decode
 layout measured fastest on this CPU) and a plain `mt.generate`, transformers with `gguf_file=` and its `generate`,
 llama.cpp with `llama_cpp.Llama(file)` and its own decoding loop (greedy, from its logits).
 
@@ -38,7 +40,8 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 PROMPTS = ["Explain, step by step, how a sliding-window attention cache works in a language model.",
            "What is the capital of France?", "Write a haiku about the sea."]
-GGUF_TYPE = {"fp32": "F32", "bf16": "BF16"}
+GGUF_TYPE = {"fp32": "F32", "bf16": "BF16", "Q8_0": "Q8_0", "Q4_0": "Q4_0", "Q4_K_M": "Q4_K_M"}
+LLAMA_FTYPES = {"Q8_0": 7, "Q4_0": 2, "Q4_K_M": 15}                     # llama.h's LLAMA_FTYPE_MOSTLY_*
 
 
 def timed(fn) -> float:
@@ -60,9 +63,19 @@ def weights_file(dtype: str) -> Path:
     from mistral_tutorial.gguf_export import rewrite_gguf
 
     path = cache_dir() / "bench" / f"SmolLM2-135M-Instruct.{GGUF_TYPE[dtype]}.gguf"
-    if not path.is_file():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        rewrite_gguf(require_default_model(), path, GGUF_TYPE[dtype])
+    if path.is_file():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if dtype not in LLAMA_FTYPES:
+        return rewrite_gguf(require_default_model(), path, GGUF_TYPE[dtype])
+    import llama_cpp                                   # llama.cpp's quantizer, from the F32 file
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype, params.nthread = LLAMA_FTYPES[dtype], torch.get_num_threads()
+    tmp = path.with_suffix(".tmp")
+    if llama_cpp.llama_model_quantize(str(weights_file("fp32")).encode(), str(tmp).encode(), params) != 0:
+        raise RuntimeError(f"llama.cpp could not quantize to {dtype}")
+    tmp.rename(path)
     return path
 
 
@@ -151,7 +164,8 @@ def main() -> None:
     parser.add_argument("--prefill-tokens", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--runs", type=int, default=1, help="whole measurements, one after the other")
-    parser.add_argument("--dtype", choices=list(GGUF_TYPE), default="fp32")
+    parser.add_argument("--dtype", choices=list(GGUF_TYPE), default="fp32",
+                        help="the file's type: fp32, bf16, or a llama.cpp quantization (transformers dequantizes it)")
     parser.add_argument("--llama-cpp", action="store_true", help="add llama-cpp-python on the same file")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--update-readme", action="store_true", help="rewrite the table between the README markers")
@@ -168,7 +182,7 @@ def main() -> None:
 
     transformers.logging.set_verbosity_error()
     path = weights_file(args.dtype)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(args.dtype, torch.float32)   # quantized: fp32 rest
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype).eval()
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     hf.generation_config.eos_token_id = None          # both generate exactly N tokens
@@ -202,7 +216,9 @@ def main() -> None:
     accuracy_report = accuracy(ours, hf, exact, chats)
     del exact
     bandwidth = read_bandwidth()
-    step_bytes = sum(p.numel() * p.element_size() for p in {id(p): p for p in plain.parameters()}.values())
+    held = {id(p): p for p in plain.parameters()} | {id(m.blocks): m.blocks for m in plain.modules() if hasattr(m, "qtype")}
+    step_bytes = sum(t.numel() * t.element_size() for t in held.values())           # every weight, as held
+    file_bytes = path.stat().st_size
     runs = [one_run(runners, chat, long_prompt, args) for _ in range(args.runs)]
 
     flags = sorted({f for f in cpu_signature().split(" | ")[-1].split() if f.startswith(("avx512f", "avx512_bf16",
@@ -244,7 +260,8 @@ def main() -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"generate-{args.dtype}.json").write_text(json.dumps(
         {"runs": runs, "tokens_equal_exact": same, "accuracy": acc, "bandwidth_gb_s": bandwidth,
-         "step_bytes": step_bytes, "cpu": cpu_signature(), "layout": current_layout(ours)}, indent=1) + "\n")
+         "step_bytes": step_bytes, "file_bytes": file_bytes, "cpu": cpu_signature(), "cpu_name": cpu_name(),
+         "layout": current_layout(ours)}, indent=1) + "\n")
     (RESULTS / f"generate-{args.dtype}.md").write_text(table + "\n")
     print(table)
     if args.update_readme:

@@ -100,18 +100,28 @@ class FusedDecoder:
         self.lib = native.library()
         self._build()
 
-    def _weights(self) -> list[torch.Tensor]:
-        """Every tensor the C structs point at (a quantized layer's blocks), to see when one changes."""
-        m = self.model
-        held = [m.norm.weight] + [t for layer in m.layers for t in (layer.attention_norm.weight, layer.ffn_norm.weight)]
-        return held + [p.blocks if isinstance(p, QuantLinear) else p.weight for p in _projections(m)]
+    def _watch(self) -> list[tuple[dict, str, object]]:
+        """(dict, key, object) for every module and tensor the C structs were built from: the structs are stale as soon
+        as one of them is replaced (a dict lookup each, cheap enough to check at every step)."""
+        m, watch = self.model, [(self.model._modules, "output", self.model.output)]
+        for layer in m.layers:
+            watch += [(layer._modules, name, layer._modules[name]) for name in ("attention", "feed_forward")]
+            for parent, names in ((layer.attention, ("wq", "wk", "wv", "wo")), (layer.feed_forward, ("w1", "w2", "w3"))):
+                watch += [(parent._modules, name, parent._modules[name]) for name in names]
+        for linear in _projections(m):
+            watch += [(linear.__dict__, "blocks", linear.blocks)] if isinstance(linear, QuantLinear) else [
+                (linear._parameters, "weight", linear._parameters["weight"])]
+        for norm in [m.norm] + [n for layer in m.layers for n in (layer.attention_norm, layer.ffn_norm)]:
+            watch += [(norm._parameters, "weight", norm._parameters["weight"])]
+        return watch
 
     def _build(self) -> None:
         """The C structs, pointing at the model's tensors (norm gains as fp32 copies: (dim,) each)."""
         m, c = self.model, self.model.config
-        self.weights = self._weights()
-        self.pointers = [w.data_ptr() for w in self.weights]
-        self.versions = [0 if w.is_inference() else w._version for w in self.weights]
+        self.watch = self._watch()
+        self.norm_weights = [m.norm.weight] + [n.weight for layer in m.layers for n in (layer.attention_norm,
+                                                                                           layer.ffn_norm)]
+        self.versions = self._versions()
         self.norms = [layer.attention_norm.weight.detach().float().contiguous() for layer in m.layers]
         self.norms += [layer.ffn_norm.weight.detach().float().contiguous() for layer in m.layers]
         self.norms.append(m.norm.weight.detach().float().contiguous())
@@ -127,11 +137,14 @@ class FusedDecoder:
                             ctypes.addressof(layers))
         self.scratch: dict[tuple[int, int], tuple[Scratch, list[torch.Tensor]]] = {}
 
+    def _versions(self) -> list[int]:
+        """The in-place versions of the norm gains, the only tensors the structs hold copies of (the weights are read
+        where they lie, so writing to one in place needs nothing)."""
+        return [0 if w.is_inference() else w._version for w in self.norm_weights]
+
     def _check_fresh(self) -> None:
-        """Rebuild if a weight was replaced or written to since the structs were made."""
-        weights = self._weights()
-        if ([w.data_ptr() for w in weights] != self.pointers
-                or any(w._version != v for w, v in zip(weights, self.versions) if not w.is_inference())):
+        """Rebuild if a module or tensor was replaced, or a norm gain written to, since the structs were made."""
+        if any(d.get(key) is not held for d, key, held in self.watch) or self._versions() != self.versions:
             self._build()
 
     def _buffers(self, batch: int, size: int) -> Scratch:

@@ -6,8 +6,8 @@ Decoding reads every weight once per token, so a 4-bit matrix is read about 7 ti
 layer computes with are exactly the values `gguf.quants.dequantize` gives (kernels/quants.h says why). A short
 product (a decoding step, a few rows) goes through the C row products, which unpack each block in registers; a long
 one (prefill) unpacks a band of rows at a time into fp32 and multiplies it with torch. Without the C kernels, bands
-are unpacked with gguf's numpy code instead (slowly, but the same values). Training is left out: blocks have no
-gradients.
+are unpacked with gguf's numpy code instead (slowly, but the same values). The blocks have no gradients (gradients
+flow through the activations only); training the weights needs them in a float dtype (dtype=torch.float32).
 """
 
 from __future__ import annotations
@@ -71,10 +71,9 @@ def unpack(blocks: torch.Tensor, qtype: str, cols: int, rows: torch.Tensor | Non
 
 def product(x: torch.Tensor, blocks: torch.Tensor, qtype: str, cols: int) -> torch.Tensor:
     """x (..., cols) -> x W^T (..., rows) in x's dtype, W the fp32 weights of `blocks` (rows, row_bytes)."""
-    if torch.is_grad_enabled() and x.requires_grad:
-        raise RuntimeError("quantized weights have no gradients: load with dtype=torch.float32 to train")
     flat = x.reshape(-1, cols).float()
-    if flat.shape[0] <= SHORT_ROWS and native.library() is not None:
+    needs_grad = torch.is_grad_enabled() and x.requires_grad        # through x only: the weights are constants
+    if flat.shape[0] <= SHORT_ROWS and native.library() is not None and not needs_grad:
         out = native.matvec_of(matrix(blocks, qtype, cols), flat)
     else:                                                                   # a band of rows at a time, in fp32
         band = max(1, BAND_BYTES // (4 * cols))

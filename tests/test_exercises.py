@@ -372,6 +372,7 @@ def test_the_static_site_shows_the_exercises_but_not_the_solutions():
 def test_readme_counts_the_exercises():
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     assert "## Exercises" in readme and "mt.exercises.hint" in readme and "exercises/solutions/" in readme
+    assert f": {len(NAMES)} in all" in readme
     table = readme.split("## The walkthrough", 1)[1].strip().split("\n\n", 1)[0].splitlines()
     header = [cell.strip() for cell in table[0].strip("|").split("|")]
     column = header.index("exercises")

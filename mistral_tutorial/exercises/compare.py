@@ -134,9 +134,12 @@ def _tensor_difference(expected: torch.Tensor, got: Any, atol: float | None, rto
     first = tuple(wrong.nonzero()[0].tolist())
     finite = torch.isfinite(expected) & torch.isfinite(got)
     diff = (got.double() - expected.double()).abs()[finite]
-    largest = f"max-abs-diff {diff.max().item():.3g}" if diff.numel() else "no finite values to compare"
     pattern = (torch.isfinite(expected) != torch.isfinite(got)) | (expected.isnan() != got.isnan())
-    infinities = f", {int(pattern.sum())} entries finite in one and inf/nan in the other" if bool(pattern.any()) else ""
+    largest = f"max-abs-diff {diff.max().item():.3g}" if diff.numel() else "no finite values to compare"
+    infinities = ""
+    if bool(pattern.any()):
+        largest += " where both are finite"
+        infinities = f", {int(pattern.sum())} entries finite in one and inf/nan in the other"
     return (f"{int(wrong.sum())} of {expected.numel()} values differ{at} ({largest}{infinities}; tolerance atol "
             f"{atol:g} + rtol {rtol:g}), the first at {list(first)}: expected {expected[first].item():.6g}, "
             f"got {got[first].item():.6g}")

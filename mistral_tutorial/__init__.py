@@ -19,7 +19,18 @@ from .tokenizer import MistralTokenizer
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str):
+    """`mt.exercises` (the notebooks' exercises and their checker) is imported on first use, not with the library."""
+    if name == "exercises":
+        import importlib
+
+        return importlib.import_module(f"{__name__}.exercises")       # binds mt.exercises for later lookups
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
+    "exercises",
     "loading",
     "presets",
     "Attention",

@@ -3,6 +3,7 @@
 - every notebook opened as cloned (untrusted, no kernel run): no broken image, and a picture where each widget is;
 - every notebook with widgets, trusted: its widgets drawn from the saved state; then run in the browser: every cell
   runs, every slider and text box moved redraws the figure; saved and reopened: the widgets come back;
+- one exercise typed into its stub in the browser: a correct body passes its check, the classic mistake gets its hint;
 - the static site (`tasks.py site`): every page loads from disk with every figure present.
 Everywhere: no error in the browser console, no HTTP 404 and no resource that fails to load. Screenshots go to
 build/screenshots/.
@@ -508,3 +509,73 @@ return [...document.querySelectorAll('a[href$=".html"]')].map(a => a.href).filte
         browser.screenshot(f"site-{page[:-5]}")
         browser.assert_clean(page)
 
+
+
+# --- an exercise, as a learner does it --------------------------------------------------------------------------
+
+
+def _run_cell(browser: Browser, index: int) -> None:
+    """Click into a cell's editor and press Shift+Enter; wait until it has run."""
+    driver = browser.driver
+    driver.execute_script(CELL_JS + "cells[arguments[0]].scrollIntoView({block: 'center'});", index)
+    time.sleep(0.3)
+    driver.execute_script(CELL_JS + "return cells[arguments[0]].querySelector('.cm-content');", index).click()
+    driver.switch_to.active_element.send_keys(Keys.SHIFT, Keys.ENTER)
+
+    def ran():
+        text = driver.execute_script(CELL_JS + "return cells[arguments[0]].querySelector('.jp-InputPrompt')"
+                                     ".textContent.trim();", index)
+        return text and "*" not in text and text != "[ ]:"
+
+    browser.wait(ran, 120, f"cell {index} to run")
+
+
+def _type_body(browser: Browser, index: int, lines: list[str]) -> None:
+    """Select the stub's body (the lines after its one-line docstring) and type `lines` over it, by the keyboard."""
+    driver = browser.driver
+    driver.execute_script(CELL_JS + "cells[arguments[0]].scrollIntoView({block: 'center'});", index)
+    time.sleep(0.3)
+    editor = driver.execute_script(CELL_JS + "return cells[arguments[0]].querySelector('.cm-content');", index)
+    editor.click()
+    source = editor.text
+    body_lines = len(source.rstrip("\n").split('"""')[-1].strip("\n").splitlines())
+    editor.send_keys(Keys.CONTROL, Keys.END)
+    for _ in range(body_lines - 1):
+        editor.send_keys(Keys.SHIFT, Keys.UP)
+    editor.send_keys(Keys.SHIFT, Keys.HOME)
+    editor.send_keys(Keys.SHIFT, Keys.HOME)                       # past the indentation: it is typed again below
+    editor.send_keys(Keys.DELETE)
+    for n, line in enumerate(lines):
+        editor.send_keys(("    " if n == 0 else "") + line)       # CodeMirror keeps the indentation after Enter
+        if n + 1 < len(lines):
+            editor.send_keys(Keys.ENTER)
+
+
+def _output(browser: Browser, index: int) -> str:
+    return browser.driver.execute_script(CELL_JS + "const a = cells[arguments[0]].querySelector('.jp-OutputArea');"
+                                         "return a ? a.innerText : '';", index)
+
+
+def test_an_exercise_by_hand(browser, lab):
+    """Notebook 04's window-mask exercise typed into its stub: a correct body passes, the classic off-by-one (W + 1
+    keys) fails with the hint that names it."""
+    path = NOTEBOOKS[[p.name[:2] for p in NOTEBOOKS].index("04")]
+    cells = json.loads(path.read_text(encoding="utf-8"))["cells"]
+    first = next(i for i, c in enumerate(cells) if "import mistral_tutorial as mt" in "".join(c["source"]))
+    stub = next(i for i, c in enumerate(cells) if c["id"] == "ex04-1-stub")
+    check = next(i for i, c in enumerate(cells) if c["id"] == "ex04-1-check")
+    open_notebook(browser, lab, path)
+    _run_cell(browser, first)                                     # the imports, as a learner starting here would
+    for label, keep, verdict in (("correct", ">", "✓ 04.1-window-mask: passed all"),
+                                 ("mistake", ">=", "this looks like a classic mistake: the window holds W + 1 keys")):
+        _type_body(browser, stub, ["i = torch.arange(seq_len)[:, None]", "j = torch.arange(seq_len)[None, :]",
+                                   f"return (j <= i) & (j {keep} i - window) if window is not None else j <= i"])
+        _run_cell(browser, stub)
+        _run_cell(browser, check)
+        shown = _output(browser, check)
+        browser.screenshot(f"exercise-04.1-{label}")
+        assert verdict in shown, f"{label}: {shown}"
+    assert error_outputs(browser) == []
+    close_notebook(browser)
+    browser.assert_clean("an exercise by hand")
+    lab.shutdown_kernels()

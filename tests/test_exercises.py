@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 import tasks  # noqa: E402
 
 NAMES = mt.exercises.names()
-NOTEBOOKS = {p.name[:2]: p for p in tasks.notebook_paths()}
+NOTEBOOKS = {p.name.split("_")[0]: p for p in tasks.notebook_paths()}      # "01" ... "08b" ... "12"
 CHECK_CALL = re.compile(r"mt\.exercises\.check\(\s*[\"']([^\"']+)[\"']\s*,\s*(\w+)\s*\)")
 
 
@@ -313,7 +313,7 @@ def test_every_exercise_is_in_exactly_one_notebook_and_each_notebook_has_three()
             assert len({name for name, _, _ in found}) >= 3, f"{path.name}: fewer than three exercises"
     assert sorted(seen) == sorted(NAMES), f"missing: {set(NAMES) - set(seen)}, unknown: {set(seen) - set(NAMES)}"
     for name, where in seen.items():
-        assert where == [name[:2]], f"{name} is checked in notebooks {where}"
+        assert where == [name.split(".")[0]], f"{name} is checked in notebooks {where}"
 
 
 @pytest.mark.parametrize("number", sorted(n for n in NOTEBOOKS if "01" <= n <= "11"))
@@ -379,7 +379,7 @@ def test_readme_counts_the_exercises():
     counted = {}
     for line in table[2:]:
         cells = [cell.strip() for cell in line.strip("|").split("|")]
-        counted[re.search(r"\[(\d\d)_", cells[0]).group(1)] = cells[column]
+        counted[re.search(r"\[(\d\d\w?)_", cells[0]).group(1)] = cells[column]
     for number in NOTEBOOKS:
-        expected = sum(name[:2] == number for name in NAMES)
+        expected = sum(name.split(".")[0] == number for name in NAMES)
         assert counted[number] == (str(expected) if expected else "–"), f"README: notebook {number}"

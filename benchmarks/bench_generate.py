@@ -68,7 +68,7 @@ def weights_file(dtype: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     if dtype not in LLAMA_FTYPES:
         return rewrite_gguf(require_default_model(), path, GGUF_TYPE[dtype])
-    import llama_cpp                                   # llama.cpp's quantizer, from the F32 file
+    import llama_cpp  # llama.cpp's quantizer, from the F32 file
 
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype, params.nthread = LLAMA_FTYPES[dtype], torch.get_num_threads()

@@ -65,10 +65,14 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--sliding-window", type=check.int_at_least(0, " (0 = full attention, else a window >= 1)"),
                      default=None, help="override the window (0 = full attention)")
     gen.add_argument("--device", type=check.device, default="cpu")
-    gen.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    gen.add_argument("--dtype", choices=["auto", *sorted(DTYPES)], default="auto",
+                     help="auto (default): the checkpoint's own (a GGUF's quantized weights stay quantized)")
+    gen.add_argument("--quantize", choices=["int8", "int4", "Q8_0", "Q4_0", "Q4_1"], default=None,
+                     help="quantize the weights on load (int8 = Q8_0, int4 = Q4_1; see quantized_load.py)")
     gen.add_argument("--no-chat", action="store_true", help="feed the prompt raw, without the chat template")
     gen.add_argument("--plain", action="store_true",
-                     help="keep the plain weights (default on a CPU: the fast decode layout, see packed.py)")
+                     help="the plain PyTorch modules (default on a CPU: the decode layout measured fastest, see "
+                          "kernel_choice.py)")
     gen.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-sequence token")
     gen.add_argument("--compare-hf", action="store_true",
                      help="also run transformers on the same weights; print whether tokens agree and both speeds")

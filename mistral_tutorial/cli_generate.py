@@ -34,7 +34,7 @@ def generate_command(args: argparse.Namespace) -> int:
         if given:
             raise CliError(f"{', '.join(given)}: no effect with greedy decoding (--temperature 0); "
                            f"add --temperature > 0 to sample")
-    dtype = DTYPES[args.dtype]
+    dtype = DTYPES.get(args.dtype, "auto")
     path = model_path(args.model)
     overrides: dict[str, Any] = {}
     if args.sliding_window is not None:
@@ -49,9 +49,10 @@ def generate_command(args: argparse.Namespace) -> int:
             sys.stdout = sys.stderr = open(os.devnull, "w")   # noqa: SIM115 - for the life of this rank
     t0 = time.perf_counter()
     model = load_pretrained(path, dtype=dtype, device=args.device, fast=not args.plain, parallel=args.parallel,
-                            **overrides)
+                            quantize=args.quantize, **overrides)
     tokenizer = ChatTokenizer(path)
-    print(f"loaded {path.name} ({model.num_parameters() / 1e6:.0f} M parameters, {args.dtype}, {args.device}, "
+    held = sorted({m.qtype for m in model.modules() if hasattr(m, "qtype")}) or [str(model.dtype).split(".")[-1]]
+    print(f"loaded {path.name} ({model.num_parameters() / 1e6:.0f} M parameters, {'/'.join(held)}, {args.device}, "
           f"window={model.config.sliding_window}) in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
 
     prompt_ids = tokenizer.encode_prompt(args.prompt, chat=not args.no_chat)

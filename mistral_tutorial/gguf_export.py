@@ -69,7 +69,8 @@ def rewrite_gguf(src: str | Path, dst: str | Path, tensor_type: str = "F32") -> 
 # A model written from scratch: llama.cpp's names and metadata, any tensor in any of the kernels' quantized types.
 
 def gguf_shapes(config) -> dict[str, tuple[int, ...]]:
-    """llama.cpp's tensor names of a dense Llama/Mistral `config`, and each tensor's (rows, cols) as ours."""
+    """llama.cpp's tensor names of a Llama/Mistral/Mixtral `config`, and each tensor's shape as ours ((rows, cols),
+    (E, rows, cols) for stacked experts)."""
     c, q, kv = config, config.n_heads * config.head_dim, config.n_kv_heads * config.head_dim
     shapes = {"token_embd.weight": (c.vocab_size, c.dim), "output_norm.weight": (c.dim,)}
     if not c.tie_embeddings:
@@ -77,20 +78,26 @@ def gguf_shapes(config) -> dict[str, tuple[int, ...]]:
     for i in range(c.n_layers):
         shapes |= {f"blk.{i}.attn_norm.weight": (c.dim,), f"blk.{i}.attn_q.weight": (q, c.dim),
                    f"blk.{i}.attn_k.weight": (kv, c.dim), f"blk.{i}.attn_v.weight": (kv, c.dim),
-                   f"blk.{i}.attn_output.weight": (c.dim, q), f"blk.{i}.ffn_norm.weight": (c.dim,),
-                   f"blk.{i}.ffn_gate.weight": (c.hidden_dim, c.dim), f"blk.{i}.ffn_up.weight": (c.hidden_dim, c.dim),
-                   f"blk.{i}.ffn_down.weight": (c.dim, c.hidden_dim)}
+                   f"blk.{i}.attn_output.weight": (c.dim, q), f"blk.{i}.ffn_norm.weight": (c.dim,)}
+        if c.is_moe:                           # Mixtral: the router, and each matrix of the E experts stacked
+            e = c.n_experts
+            shapes |= {f"blk.{i}.ffn_gate_inp.weight": (e, c.dim), f"blk.{i}.ffn_gate_exps.weight": (e, c.hidden_dim, c.dim),
+                       f"blk.{i}.ffn_up_exps.weight": (e, c.hidden_dim, c.dim),
+                       f"blk.{i}.ffn_down_exps.weight": (e, c.dim, c.hidden_dim)}
+        else:
+            shapes |= {f"blk.{i}.ffn_gate.weight": (c.hidden_dim, c.dim),
+                       f"blk.{i}.ffn_up.weight": (c.hidden_dim, c.dim), f"blk.{i}.ffn_down.weight": (c.dim, c.hidden_dim)}
     return shapes
 
 
-def random_blocks(qtype: str, shape: tuple[int, int], std: float, generator: np.random.Generator) -> np.ndarray:
-    """Seeded random `qtype` blocks of a `shape` matrix whose weights have about `std`: random quants, and every
-    block's fp16 scale (and minimum) set to what gives that spread. (rows, row bytes) uint8."""
+def random_blocks(qtype: str, shape: tuple[int, ...], std: float, generator: np.random.Generator) -> np.ndarray:
+    """Seeded random `qtype` blocks of a `shape` matrix (or stack of them) whose weights have about `std`: random
+    quants, and every block's fp16 scale (and minimum) set to what gives that spread. (..., rows, row bytes) uint8."""
     from .quantized import FORMATS, row_bytes
 
     size, nbytes, _ = FORMATS[qtype]
-    blocks = generator.integers(0, 256, (shape[0], row_bytes(qtype, shape[1])), dtype=np.uint8)
-    per_block = blocks.reshape(shape[0], -1, nbytes)
+    blocks = generator.integers(0, 256, (*shape[:-1], row_bytes(qtype, shape[-1])), dtype=np.uint8)
+    per_block = blocks.reshape(*shape[:-1], -1, nbytes)
     spread = {"Q8_0": 73.9, "Q4_0": 4.6, "Q4_1": 4.6, "Q4_K": 4.6 * 32, "Q6_K": 18.5 * 64}[qtype]  # std of d = 1
     half = np.frombuffer(np.float16(std / spread).tobytes(), np.uint8)
     if qtype == "Q6_K":
@@ -124,6 +131,9 @@ def write_gguf(path: str | Path, config, tensors: dict[str, tuple[np.ndarray, st
                        (writer.add_rope_dimension_count, c.head_dim), (writer.add_rope_freq_base, c.rope_theta),
                        (writer.add_layer_norm_rms_eps, c.norm_eps), (writer.add_vocab_size, c.vocab_size)):
         add(value)
+    if c.is_moe:
+        writer.add_expert_count(c.n_experts)
+        writer.add_expert_used_count(c.experts_per_token)
     if tokenizer_model is not None:
         _add_sentencepiece_vocab(writer, Path(tokenizer_model))
     for name, (array, kind) in tensors.items():
@@ -161,7 +171,23 @@ def write_random_gguf(path: str | Path, config, qtype: str, head_type: str = "Q6
     for name, shape in gguf_shapes(config).items():
         if len(shape) == 1:
             tensors[name] = (np.ones(shape, dtype=np.float32), "F32")
+        elif name.endswith("ffn_gate_inp.weight"):                      # the router stays F32, as llama.cpp's does
+            tensors[name] = (generator.normal(0, std, shape).astype(np.float32), "F32")
         else:
             kind = head_type if name == "output.weight" else qtype
             tensors[name] = (random_blocks(kind, shape, std, generator), kind)
     return write_gguf(path, config, tensors, tokenizer_model)
+
+
+def gguf_bytes(config, qtype: str, head_type: str) -> int:
+    """The tensor bytes of `config` laid out as write_random_gguf writes it (what our loader then holds, zero-copy)."""
+    from .quantized import row_bytes
+
+    total = 0
+    for name, shape in gguf_shapes(config).items():
+        if len(shape) == 1 or name.endswith("ffn_gate_inp.weight"):
+            total += 4 * int(np.prod(shape))                                      # F32
+        else:
+            kind = head_type if name == "output.weight" else qtype
+            total += int(np.prod(shape[:-1])) * row_bytes(kind, shape[-1])
+    return total

@@ -73,7 +73,8 @@ def load_pretrained(path: str | Path, dtype: torch.dtype | str = "auto", device:
             quantization = "keep"
         what = "its quantized weights as they are, the rest in float32" if quantization == "keep" else \
             f"{str(dtype).removeprefix('torch.')}, the checkpoint's own dtype"
-        notice(f"loading {Path(path).name}: {what} (dtype=... for another)")
+        if quantize is None:
+            notice(f"loading {Path(path).name}: {what} (dtype=... for another)")
     if quantization is not None:
         dtype = torch.float32                              # activations, norms and the router of a quantized model
     return assemble(source, fmt, config.replace(**overrides), dtype, device, fast, share, quantization)

@@ -22,7 +22,7 @@ from .inputs import check_tokens
 from .kernel_choice import use_best_layout
 from .masks import sequence_attention
 from .packed import PackedLinear
-from .quantized import quantized_weights
+from .quantized_moe import quantized_weights
 from .registry import loader
 from .rope import RotaryEmbedding
 from .weight_only import SHORT_ROWS
@@ -77,7 +77,7 @@ class Transformer(nn.Module):
         total = sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())
         total += sum(m.in_features * m.out_features for m in self.modules()             # the packed layout's
                      if isinstance(m, PackedLinear) and m.matrix.tied_to is None)      # matrices (packed.py)
-        total += quantized_weights(self.modules())                                      # quantized.py's layers
+        total += quantized_weights(list(self.modules()))                               # quantized layers
         if active and self.config.is_moe:
             c = self.config
             expert_params = 3 * c.dim * c.hidden_dim

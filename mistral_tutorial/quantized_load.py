@@ -1,9 +1,9 @@
 """Loading into quantized layers (quantized.py): GGUF blocks kept as the file holds them, or float weights quantized
 on load (`quantize="int8"` or `"int4"`).
 
-Which tensors: the projections (wq, wk, wv, wo, w1, w2, w3), the embedding and the head. The norms, the MoE router and
-the stacked experts stay floats (the experts of a quantized MoE file are dequantized: there is no quantized expert
-kernel yet; `load_note` says so). The schemes, both llama.cpp's formats so that the same kernels run them:
+Which tensors: the projections (wq, wk, wv, wo, w1, w2, w3), the embedding, the head, and a MoE layer's stacked
+experts (quantized_moe.py). The norms and the MoE router stay floats. The schemes, llama.cpp's formats so that the
+same kernels run them:
 - "int8": Q8_0, absmax int8 in groups of 32 with an fp16 scale (8.5 bits a weight);
 - "int4": Q4_1, 4 bits in groups of 32 with an fp16 scale and minimum (5 bits a weight); the embedding and the head
   (which the embedding is, when tied) in Q8_0, where 4 bits cost the most;
@@ -19,17 +19,41 @@ import numpy as np
 import torch
 from torch import nn
 
-from .quantized import FORMATS, QuantEmbedding, QuantLinear, check_blocks
+from .quantized import FORMATS, QuantEmbedding, QuantLinear, check_blocks, row_bytes
+from .quantized_moe import QuantMoeLayer
 
 # scheme -> (the projections' type, the embedding's and head's); a GGML type name asks for that type by name
 SCHEMES = {"int8": ("Q8_0", "Q8_0"), "int4": ("Q4_1", "Q8_0"), "Q8_0": ("Q8_0", "Q8_0"), "Q4_0": ("Q4_0", "Q8_0"),
            "Q4_1": ("Q4_1", "Q8_0")}
 MATRIX_KEY = re.compile(r"^(tok_embeddings|output|layers\.\d+\.(attention\.w[qkvo]|feed_forward\.w[123]))\.weight$")
+EXPERTS_KEY = re.compile(r"^layers\.\d+\.feed_forward\.w[123]$")     # a MoE layer's stacked (E, rows, cols) experts
 
 
 def takes_blocks(key: str, expert: int | None) -> bool:
-    """Can tensor `key` be held quantized? The 2-D projections, the embedding and the head."""
-    return expert is None and MATRIX_KEY.match(key) is not None
+    """Can tensor `key` be held quantized? The 2-D projections, the embedding, the head, and stacked experts (all
+    of them at once, from a GGUF, or one expert at a time, when quantizing on load)."""
+    return (expert is None and MATRIX_KEY.match(key) is not None) or EXPERTS_KEY.match(key) is not None
+
+
+def experts_layer(model: nn.Module, key: str) -> QuantMoeLayer:
+    """The QuantMoeLayer that holds expert matrix `key`, swapped in for the MoeLayer there at its first matrix."""
+    layer = model.get_submodule(key.rpartition(".")[0].rpartition(".")[0])             # layers.N
+    if not isinstance(layer.feed_forward, QuantMoeLayer):
+        layer.feed_forward = QuantMoeLayer.replacing(layer.feed_forward)
+    return layer.feed_forward
+
+
+def place_experts(model: nn.Module, key: str, expert: int | None, blocks: torch.Tensor, qtype: str,
+                  shape: tuple[int, ...], what: str) -> None:
+    """Expert matrices `key` (all E of them, or expert `expert`) as `qtype` blocks; shape is (E, rows, cols)."""
+    moe, name = experts_layer(model, key), key.rpartition(".")[2]
+    if expert is None:
+        moe.hold(name, blocks, qtype, shape, what)
+        return
+    if name not in moe.quantized:                       # the first expert of this matrix: room for all E
+        moe.hold(name, torch.zeros(shape[0], shape[1], row_bytes(qtype, shape[2]), dtype=torch.uint8), qtype, shape,
+                 what)
+    moe.quantized[name][0][expert].copy_(blocks.reshape(shape[1], -1))
 
 
 def quantize(weight: torch.Tensor, qtype: str) -> torch.Tensor:
@@ -83,7 +107,11 @@ def take_quantized(model: nn.Module, source, name: str, places: list, expected: 
             return False
         blocks = source.read_blocks(name)
         for t in places:
-            place(model, t.key, t.transform(blocks) if t.transform else blocks, info.dtype, expected[t.key], what)
+            value = t.transform(blocks) if t.transform else blocks
+            if EXPERTS_KEY.match(t.key):
+                place_experts(model, t.key, t.expert, value, info.dtype, expected[t.key], what)
+            else:
+                place(model, t.key, value, info.dtype, expected[t.key], what)
             kept[info.dtype] = kept.get(info.dtype, 0) + 1
         if any(t.transform for t in places):             # rows reordered into a copy: the file's pages go back
             source.release(name, blocks)
@@ -91,8 +119,12 @@ def take_quantized(model: nn.Module, source, name: str, places: list, expected: 
     tensor = source.read(name)
     for t in places:
         qtype = scheme_type(quantization, t.key)
-        place(model, t.key, quantize(t.transform(tensor) if t.transform else tensor, qtype), qtype, expected[t.key],
-              what)
+        value = t.transform(tensor) if t.transform else tensor
+        if EXPERTS_KEY.match(t.key):
+            value = value.reshape(-1, value.shape[-1])                  # one expert's (rows, cols), or all stacked
+            place_experts(model, t.key, t.expert, quantize(value, qtype), qtype, expected[t.key], what)
+        else:
+            place(model, t.key, quantize(value, qtype), qtype, expected[t.key], what)
         kept[qtype] = kept.get(qtype, 0) + 1
     source.release(name, tensor)
     return True

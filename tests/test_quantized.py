@@ -184,3 +184,47 @@ def test_quantized_layers_state_dict_and_training_say_what_to_do(tmp_path):
     ours.layers[0].attention.wq(x).sum().backward()
     assert torch.allclose(x.grad, ours.layers[0].attention.wq.weight.sum(0).expand(2, -1))
     assert not any(p.requires_grad for p in ours.layers[0].attention.wq.parameters())
+
+
+@needs_kernels
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_K"])
+def test_a_quantized_mixtral_keeps_its_experts_in_blocks(tmp_path, qtype):
+    """Stacked experts (llama.cpp's ffn_*_exps) stay quantized (quantized_moe.py): the same logits and the same
+    chosen experts as the dequantized model."""
+    from mistral_tutorial.quantized_moe import QuantMoeLayer
+
+    cfg = config_for(qtype, n_experts=4, experts_per_token=2)
+    path = write_random_gguf(tmp_path / "moe.gguf", cfg, qtype, head_type=qtype)
+    ours = mt.Transformer.from_pretrained(path)
+    moe = ours.layers[1].feed_forward
+    assert isinstance(moe, QuantMoeLayer) and set(moe.quantized) == {"w1", "w2", "w3"}
+    assert not any(p.is_meta for p in ours.parameters())
+    dequantized = mt.Transformer.from_pretrained(path, dtype=torch.float32, fast=False)
+    assert ours.num_parameters() == dequantized.num_parameters()
+    assert torch.equal(ours.state_dict()["layers.1.feed_forward.w2"], dequantized.state_dict()["layers.1.feed_forward.w2"])
+    tokens = torch.randint(0, cfg.vocab_size, (2, 13))
+    with torch.no_grad():
+        reference = dequantized(tokens)
+        assert (ours(tokens) - reference).abs().max() <= 1e-4 * reference.abs().max()
+        for mine, theirs in zip(ours.chosen_experts(), dequantized.chosen_experts()):
+            assert torch.equal(mine, theirs)
+    assert torch.equal(mt.generate(ours, tokens, max_new_tokens=12),
+                       mt.generate(dequantized, tokens, max_new_tokens=12, fast=False))
+
+
+@needs_kernels
+def test_quantize_on_load_fills_every_expert(tmp_path):
+    from mistral_tutorial.quantized_moe import QuantMoeLayer
+
+    cfg = tiny_config(n_experts=4, experts_per_token=2, sliding_window=None)
+    model = mt.Transformer(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.05)
+    mt.loading.to_hf(model).save_pretrained(tmp_path / "hub")
+    ours = mt.Transformer.from_pretrained(tmp_path / "hub", quantize="int8")
+    moe = ours.layers[0].feed_forward
+    assert isinstance(moe, QuantMoeLayer)
+    for e in range(cfg.n_experts):
+        expected = gguf.quants.quantize(model.layers[0].feed_forward.w3[e].detach().numpy(), gguf.GGMLQuantizationType.Q8_0)
+        assert np.array_equal(moe.quantized["w3"][0][e].numpy(), expected), e

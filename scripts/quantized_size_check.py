@@ -83,7 +83,7 @@ def child(kind: str, path: Path, out: Path) -> None:
             begin = time.perf_counter()
             llm.reset()
             llm.eval(PROMPT_IDS)
-            for i in range(n - 1):
+            for _ in range(n - 1):
                 logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1), shape=(n_vocab,))
                 llm.eval([int(logits.argmax())])
             timings.append(time.perf_counter() - begin)

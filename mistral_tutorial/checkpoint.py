@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from .errors import CheckpointError
+from .gguf_file import GGUFFile
 from .safetensors_reader import SafetensorsFile, TensorInfo
 
 GGUF_INTEGER_TYPES = {"I8": torch.int8, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64}
@@ -115,39 +116,40 @@ class TensorSource:
 # ---------------------------------------------------------------------------------------------------------------------
 def open_gguf(path: Path) -> tuple[dict[str, Any], TensorSource]:
     """A GGUF file's metadata (key -> value) and its tensors, one at a time on read(): BF16 as it is, every other
-    float type dequantized to fp32."""
-    import gguf
-
+    float type dequantized to fp32 (with gguf's own code, for the types numpy cannot view)."""
     with path.open("rb") as f:
         head = f.read(8)
     if len(head) < 8 or head[:4] != b"GGUF":
         raise CheckpointError(f"{path}: not a GGUF file (it starts with {head[:4]!r}, not b'GGUF'), or truncated")
     version = struct.unpack("<I", head[4:])[0]
     version = version if version & 0xFFFF else struct.unpack(">I", head[4:])[0]        # a big-endian file
-    if version not in gguf.gguf_reader.READER_SUPPORTED_VERSIONS:
+    if version not in (2, 3) or not version & 0xFFFF:
         raise CheckpointError(f"{path}: GGUF version {version} is not supported (this reader reads versions "
-                              f"{gguf.gguf_reader.READER_SUPPORTED_VERSIONS})")
+                              f"[2, 3], little-endian)")
     try:
-        reader = gguf.GGUFReader(str(path), mode="c")             # private copy-on-write pages: never the file
-        metadata = {key: field.contents() for key, field in reader.fields.items()
-                    if not key.startswith("tokenizer.ggml.")}
-    except Exception as err:   # noqa: BLE001 - a broken file raises struct, numpy or value errors from deep inside
+        reader = GGUFFile(path)                                   # private copy-on-write pages: never the file
+    except Exception as err:   # noqa: BLE001 - a broken file raises struct, numpy, unicode or value errors
         raise CheckpointError(f"{path}: not a readable GGUF file, or truncated ({type(err).__name__}: {err})") from None
+    metadata = reader.metadata
     tensors = {t.name: t for t in reader.tensors}
     _check_gguf_layout(path, reader)
-    infos = {t.name: TensorInfo(t.name, tuple(int(n) for n in reversed(t.shape.tolist())),
-                                GGUF_INTEGER_TYPES.get(t.tensor_type.name) or GGUF_FLOAT_TYPES.get(t.tensor_type.name)
-                                or t.tensor_type.name, path, int(t.data_offset)) for t in reader.tensors}
+    infos = {t.name: TensorInfo(t.name, t.shape, GGUF_INTEGER_TYPES.get(t.type_name) or
+                                GGUF_FLOAT_TYPES.get(t.type_name) or t.type_name, path, t.data_offset)
+             for t in reader.tensors}
 
     def read(name: str) -> torch.Tensor:
         t = tensors[name]
-        if t.tensor_type.name == "BF16":                                   # as it is: bf16 stays bf16
+        if t.type_name == "BF16":                                          # as it is: bf16 stays bf16
             return torch.from_numpy(np.array(t.data)).view(torch.bfloat16).reshape(infos[name].shape)
+        if t.data.dtype != np.uint8:                                       # F32, F16, F64, integers: numpy's own
+            return torch.from_numpy(np.array(t.data, dtype=np.float32 if t.data.dtype.kind == "f" else t.data.dtype))
         try:
-            values = gguf.quants.dequantize(t.data, t.tensor_type)                     # fp32 numpy
+            import gguf
+
+            values = gguf.quants.dequantize(t.data, gguf.GGMLQuantizationType[t.type_name])   # fp32 numpy
             return torch.from_numpy(np.array(values, dtype=np.float32).reshape(infos[name].shape))
         except Exception as err:   # noqa: BLE001
-            raise CheckpointError(f"{path}: tensor {name} ({t.tensor_type.name}) cannot be read: {err}") from None
+            raise CheckpointError(f"{path}: tensor {name} ({t.type_name}) cannot be read: {err}") from None
 
     def release(name: str, tensor: torch.Tensor) -> None:                  # the quantized bytes, memory-mapped
         drop_pages(tensors[name].data.ctypes.data, tensors[name].data.nbytes)
@@ -167,7 +169,7 @@ def _check_gguf_layout(path: Path, reader: Any) -> None:
     for t in sorted(reader.tensors, key=lambda t: int(t.data_offset)):
         start = int(t.data_offset)
         if not position <= start < position + reader.alignment:
-            raise CheckpointError(f"{path}: corrupt tensor info: {t.name} ({t.tensor_type.name}) starts at byte "
+            raise CheckpointError(f"{path}: corrupt tensor info: {t.name} ({t.type_name}) starts at byte "
                                   f"{start}, {'inside' if start < position else 'well after'} {previous} (which "
                                   f"ends at {position}; alignment {reader.alignment})")
         position, previous = start + int(t.n_bytes), f"tensor {t.name}"

@@ -5,6 +5,7 @@ it is installed) and logits against the same file dequantized, computed one laye
     python scripts/quantized_size_check.py --types Q4_0 Q4_K   # other llama.cpp types (Q4_K: the head in Q6_K)
     python scripts/quantized_size_check.py --size small        # the same code on a ~100 MB model (what CI runs)
     python scripts/quantized_size_check.py --plan-only         # only Mixtral-8x7B's memory per type, on `meta`
+    python scripts/quantized_size_check.py --files A.gguf ...  # the same measurements on given files (SmolLM2's)
 
 1. Writes (once) a GGUF with the model's exact shapes, llama.cpp's metadata and the Mistral v0.1 tokenizer (so that
    llama.cpp loads it too), as llama.cpp's quantizer lays a file out (the norms F32, the head in Q6_K for a 4-bit
@@ -160,6 +161,7 @@ def main() -> None:
     parser.add_argument("--size", choices=["7b", "small"], default="7b")
     parser.add_argument("--types", nargs="+", default=["Q8_0", "Q4_0"], choices=sorted(HEAD_TYPE))
     parser.add_argument("--plan-only", action="store_true")
+    parser.add_argument("--files", nargs="+", type=Path, help="measure these GGUF files instead of random ones")
     parser.add_argument("--update-readme", action="store_true")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--folder", type=Path, help=argparse.SUPPRESS)
@@ -180,11 +182,12 @@ def main() -> None:
             kinds = ["ours", "reference"]
         from mistral_tutorial.native import cpu_name
 
-        lines = [f"| Mistral-7B-v0.1 shapes ({args.size}), random weights | file | peak RSS above imports | / file | "
+        title = "GGUF file" if args.files else f"Mistral-7B-v0.1 shapes ({args.size}), random weights"
+        lines = [f"| {title} | file | peak RSS above imports | / file | "
                  f"load (s) | decode (tokens/s) | llama.cpp: peak, load, decode | ours / llama.cpp | logits: max-abs "
                  f"error / max abs logit |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-        for qtype in args.types:
-            path = gguf_file(args.size, qtype)
+        for qtype, path in ([(p.name, p) for p in args.files] if args.files else
+                            [(t, gguf_file(args.size, t)) for t in args.types]):
             results = {kind: run_child(__file__, kind, path) for kind in kinds}
             ours, ours_logits = results["ours"]
             reference = results["reference"][1]
@@ -194,7 +197,8 @@ def main() -> None:
             llama = (f"{theirs['peak_bytes'] / 1e9:.2f} GB, {theirs['load_s']:.1f} s, {theirs['decode_tok_s']:.2f}"
                      if theirs else "not installed")
             ratio = f"{ours['decode_tok_s'] / theirs['decode_tok_s']:.2f}×" if theirs else "–"
-            lines.append(f"| {qtype} (head {HEAD_TYPE[qtype]}) | {size / 1e9:.2f} GB | {ours['peak_bytes'] / 1e9:.2f} GB | "
+            label = qtype if args.files else f"{qtype} (head {HEAD_TYPE[qtype]})"
+            lines.append(f"| {label} | {size / 1e9:.2f} GB | {ours['peak_bytes'] / 1e9:.2f} GB | "
                          f"{ours['peak_bytes'] / size:.2f}× | {ours['load_s']:.1f} | {ours['decode_tok_s']:.2f} | "
                          f"{llama} | {ratio} | {error:.1e} |")
             print(lines[-1], flush=True)

@@ -35,8 +35,9 @@ NEW_TOKENS = 16
 PROMPT_IDS = [1, 415, 5565, 302, 4843, 349, 264, 1736, 302, 1983, 1237, 28725, 304, 272, 3454, 349]   # 16 ids
 
 
-def exact_logits(model, ids):
-    """Logits (B, T, vocab) of a plain bf16 Transformer computed in fp32, one layer widened at a time (no cache)."""
+def exact_logits(model, ids, cache=None):
+    """Logits (B, T, vocab) of a plain bf16 Transformer computed in fp32, one layer widened at a time; with `cache`
+    (an fp32 KVCache of the model's shapes) the next chunk of a sequence, as Transformer.forward does."""
     import copy
 
     import torch
@@ -45,19 +46,25 @@ def exact_logits(model, ids):
     from mistral_tutorial.masks import sequence_attention
 
     seq_len = ids.shape[1]
-    attend = sequence_attention(seq_len, model.config.sliding_window)
-    cos, sin = model.rotary(torch.arange(seq_len)[None], dtype=torch.float32)
+    if cache is None:
+        attend, positions = sequence_attention(seq_len, model.config.sliding_window), torch.arange(seq_len)[None]
+    else:
+        positions, attend = cache.positions(seq_len), cache.begin(seq_len)
+    mask, is_causal = (None, True) if attend.is_causal else (attend.mask, False)
+    cos, sin = model.rotary(positions, dtype=torch.float32)
     x = model.tok_embeddings(ids).float()                                          # (B, T, dim), exact widening
     for layer in model.layers:
         wide = copy.deepcopy(layer).float()                                        # this layer's weights in fp32
-        x = wide(x, cos, sin, attend.mask, None, attend.is_causal)
+        x = wide(x, cos, sin, mask, cache, is_causal)
         del wide
+    if cache is not None:
+        cache.commit()
     return F.linear(copy.deepcopy(model.norm).float()(x), model.output.weight.float())
 
 
 def reference(folder: Path, out: Path) -> None:
-    """The exact answer in its own process: prompt logits and NEW_TOKENS greedy tokens (no cache), with the top-2
-    gap of every greedy step."""
+    """The exact answer in its own process: prompt logits and NEW_TOKENS greedy tokens (on an fp32 cache), with the
+    top-2 gap of every greedy step."""
     import torch
 
     import mistral_tutorial as mt
@@ -65,14 +72,15 @@ def reference(folder: Path, out: Path) -> None:
     ids = torch.tensor([PROMPT_IDS])
     with torch.inference_mode():
         model = mt.Transformer.from_pretrained(folder, dtype=torch.bfloat16, fast=False)
-        logits = exact_logits(model, ids)[0]
-        seq, tokens, gaps = ids, [], []
-        for step in range(NEW_TOKENS):
-            last = logits[-1] if step == 0 else exact_logits(model, seq)[0, -1]
+        c = model.config
+        cache = mt.KVCache(c.n_layers, 1, c.n_kv_heads, c.head_dim, c.sliding_window, len(PROMPT_IDS) + NEW_TOKENS)
+        logits = exact_logits(model, ids, cache)[0]
+        last, tokens, gaps = logits[-1], [], []
+        for _ in range(NEW_TOKENS):
             top2 = last.topk(2).values
             tokens.append(int(last.argmax()))
             gaps.append(float(top2[0] - top2[1]))
-            seq = torch.cat([seq, torch.tensor([[tokens[-1]]])], dim=1)
+            last = exact_logits(model, torch.tensor([[tokens[-1]]]), cache)[0, -1]
     torch.save({"logits": logits.clone(), "tokens": torch.tensor(tokens), "gaps": torch.tensor(gaps)}, out)
     print(json.dumps({"kind": "reference"}))
 

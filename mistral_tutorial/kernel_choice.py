@@ -33,6 +33,7 @@ LAYOUT_ENV = "MISTRAL_TUTORIAL_LAYOUT"
 DECISIONS_ENV = "MISTRAL_TUTORIAL_DECISIONS"
 TIMED_BYTES = 256e6          # weights the measurement streams per step, at least (or the whole model, if smaller)
 ROUNDS, STEPS = 3, 8         # alternating rounds of timed decoding steps per layout
+_CHOSEN: dict[tuple, str] = {}   # (decisions file, key, candidates) -> layout, for this process
 
 
 def decisions_path() -> Path:
@@ -159,6 +160,9 @@ def choose_layout(model: nn.Module, dtype: torch.dtype | None = None, device: to
     if len(found) == 1:
         return found[0]
     key = decision_key(config, dtype)
+    memo = (decisions_path(), key, tuple(found))
+    if memo in _CHOSEN and not remeasure:                 # decided in this process already: no file to read
+        return _CHOSEN[memo]
     decision = _load_decisions().get(key)
     if (remeasure or decision is None or decision.get("layout") not in found
             or set(decision.get("seconds", {})) != set(found)):
@@ -166,6 +170,7 @@ def choose_layout(model: nn.Module, dtype: torch.dtype | None = None, device: to
             notice(f"timing the decode layouts {found} for this CPU, once (remembered in {decisions_path()})")
         decision = measure(type(model), config, dtype, found)
         _store(key, decision)
+    _CHOSEN[memo] = decision["layout"]
     return decision["layout"]
 
 

@@ -11,6 +11,7 @@ line, and the model keeps the PyTorch path.
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import os
 import platform
@@ -54,6 +55,7 @@ def compiler() -> str | None:
     return None
 
 
+@functools.lru_cache(maxsize=1)
 def cpu_signature() -> str:
     """The CPU's model name and flags (Linux /proc/cpuinfo), else what platform says: part of every cache key."""
     try:

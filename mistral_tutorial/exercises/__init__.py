@@ -1,4 +1,4 @@
-"""Exercises for notebooks 01-11: write one function, and have it checked against the library (and transformers).
+"""Exercises for notebooks 01-12: write one function, and have it checked against the library (and transformers).
 
     mt.exercises.names()                              # every exercise id, "01.1-embedding-lookup", ...
     mt.exercises.check("03.2-repeat-kv", repeat_kv)   # your function on seeded inputs and edge cases; True if all match
@@ -18,11 +18,11 @@ import inspect
 from collections.abc import Callable
 from typing import Any
 
-from . import nb01, nb02, nb03, nb04, nb05, nb06, nb07, nb08, nb09, nb10, nb11
+from . import nb01, nb02, nb03, nb04, nb05, nb06, nb07, nb08, nb09, nb10, nb11, nb12
 from .checker import Exercise, run_check
 
 EXERCISES: dict[str, Exercise] = {exercise.name: exercise for module in (nb01, nb02, nb03, nb04, nb05, nb06, nb07,
-                                                                          nb08, nb09, nb10, nb11)
+                                                                          nb08, nb09, nb10, nb11, nb12)
                                   for exercise in module.EXERCISES}
 
 __all__ = ["names", "check", "hint", "solution", "EXERCISES", "Exercise"]

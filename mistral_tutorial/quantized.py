@@ -88,7 +88,25 @@ def quantized_weights(modules) -> int:
                 if isinstance(m, (QuantLinear, QuantEmbedding))}.values())
 
 
-class QuantLinear(nn.Module):
+class QuantizedWeights(nn.Module):
+    """What QuantLinear and QuantEmbedding share: `blocks` (rows, row_bytes) of `qtype` holding a (rows, cols) matrix,
+    saved unpacked in a state dict, and never loaded from one (the blocks are the file's)."""
+
+    blocks: torch.Tensor
+    qtype: str
+    cols: int
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        destination[prefix + "weight"] = unpack(self.blocks, self.qtype, self.cols)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        if prefix + "weight" in state_dict:
+            error_msgs.append(f"{prefix}weight is {self.qtype}-quantized: load the state dict into a model loaded "
+                              f"with dtype=torch.float32")
+
+
+class QuantLinear(QuantizedWeights):
     """Stands where an nn.Linear (no bias) stood: x (..., in) -> x W^T (..., out), W held as `qtype` blocks.
 
     `weight` is the unpacked fp32 matrix, to read (a copy: writing to it raises); `state_dict()` holds it too.
@@ -107,20 +125,11 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return product(x, self.blocks, self.qtype, self.in_features)
 
-    def _save_to_state_dict(self, destination, prefix, keep_vars):
-        destination[prefix + "weight"] = unpack(self.blocks, self.qtype, self.in_features)
-
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs):
-        if prefix + "weight" in state_dict:
-            error_msgs.append(f"{prefix}weight is {self.qtype}-quantized: load the state dict into a model loaded "
-                              f"with dtype=torch.float32")
-
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, {self.qtype}"
 
 
-class QuantEmbedding(nn.Module):
+class QuantEmbedding(QuantizedWeights):
     """Stands where a TokenEmbedding stood: (B, T) ids -> (B, T, dim) fp32, each row unpacked from its blocks."""
 
     def __init__(self, blocks: torch.Tensor, qtype: str, embedding_dim: int) -> None:
@@ -139,15 +148,6 @@ class QuantEmbedding(nn.Module):
         check_vocabulary(token_ids, self.num_embeddings)
         rows = unpack(self.blocks, self.qtype, self.embedding_dim, token_ids)
         return rows.reshape(*token_ids.shape, self.embedding_dim)
-
-    def _save_to_state_dict(self, destination, prefix, keep_vars):
-        destination[prefix + "weight"] = unpack(self.blocks, self.qtype, self.embedding_dim)
-
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs):
-        if prefix + "weight" in state_dict:
-            error_msgs.append(f"{prefix}weight is {self.qtype}-quantized: load the state dict into a model loaded "
-                              f"with dtype=torch.float32")
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, {self.qtype}"

@@ -95,6 +95,22 @@ def test_generate_compare_hf_agrees(layout):
     assert "Paris" in result.stdout
 
 
+@pytest.mark.model
+def test_generate_quantize_int4_says_so_and_keeps_the_files_answer():
+    """--quantize int4 is Q4_1 in groups of 32 (the head Q8_0). SmolLM2's file is already Q4_1, so quantizing its
+    dequantized weights again finds the same grid: the greedy answer must be the file's own, and the loaded line says
+    which types the model holds."""
+    if not assets.default_model_path().is_file():
+        pytest.fail("run `mistral-tutorial fetch` first")
+    prompt = ("What is the capital of France?", "--max-new-tokens", "8")
+    quantized, as_file = run_cli("generate", *prompt, "--quantize", "int4"), run_cli("generate", *prompt)
+    assert quantized.returncode == 0 and as_file.returncode == 0, quantized.stderr + as_file.stderr
+    assert "quantized on load" in quantized.stderr and "Q4_1/Q8_0" in quantized.stdout + quantized.stderr
+    answer = [line for line in quantized.stdout.splitlines() if not line.startswith(("loaded", "[ours]"))]
+    assert answer and answer == [line for line in as_file.stdout.splitlines()
+                                 if not line.startswith(("loaded", "[ours]"))]
+
+
 def test_generate_rejects_cuda_without_gpu():
     import torch
 

@@ -103,7 +103,8 @@ def test_generate_quantize_int4_says_so_and_keeps_the_files_answer():
     if not assets.default_model_path().is_file():
         pytest.fail("run `mistral-tutorial fetch` first")
     prompt = ("What is the capital of France?", "--max-new-tokens", "8")
-    quantized, as_file = run_cli("generate", *prompt, "--quantize", "int4"), run_cli("generate", *prompt)
+    loud = {"MISTRAL_TUTORIAL_QUIET": "0"}                         # the notices on, whatever the test run set
+    quantized, as_file = run_cli("generate", *prompt, "--quantize", "int4", env=loud), run_cli("generate", *prompt)
     assert quantized.returncode == 0 and as_file.returncode == 0, quantized.stderr + as_file.stderr
     assert "quantized on load" in quantized.stderr and "Q4_1/Q8_0" in quantized.stdout + quantized.stderr
     answer = [line for line in quantized.stdout.splitlines() if not line.startswith(("loaded", "[ours]"))]
